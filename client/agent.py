@@ -1,0 +1,249 @@
+"""The site agent: poll the coordinator, do what it asks (init, train, evaluate), until the run ends.
+
+The model stays resident between rounds (no re-import or rebuild per round). Work in progress survives a
+restart of either side: downloads resume from the partial file, a signed update waits in the outbox and is
+resumed rather than retrained, and a lost connection is retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from fedvlm import adapters
+from fedvlm.security import signing
+from fedvlm.security.signing import UpdateManifest
+from fedvlm.spec import TaskSpec
+from fedvlm.wire.v1 import federation_pb2 as pb
+from fedvlm.wire.v1 import federation_pb2_grpc
+
+from .identity import Identity, StateDir
+from .transfer import Outbox, VerificationError, download_global, upload, verify_global_info
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
+MAX_BACKOFF = 30.0
+
+
+class FatalError(Exception):
+    """The coordinator will not work with this site (revoked, wrong federation): stop with this message."""
+
+
+@dataclass
+class Activity:
+    """What the site is doing, reported with every poll and heartbeat."""
+
+    state: int = pb.CLIENT_STATE_IDLE
+    detail: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    run_id: str = ""
+    round: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def set(self, state: int, detail: str = "", done: int = 0, total: int = 0) -> None:
+        with self.lock:
+            self.state, self.detail, self.bytes_done, self.bytes_total = state, detail, done, total
+
+    def request(self) -> pb.PollRequest:
+        with self.lock:
+            return pb.PollRequest(state=self.state, detail=self.detail, bytes_done=self.bytes_done,
+                                  bytes_total=self.bytes_total, run_id=self.run_id, round=self.round)
+
+
+class Agent:
+    def __init__(self, coordinator: str, identity: Identity, state: StateDir, data_dir: Path,
+                 device: str = "cpu", cache_dir: Path | None = None, max_upload_rate: float = 0.0) -> None:
+        self.coordinator = coordinator
+        self.identity = identity
+        self.state = state
+        self.outbox = Outbox(state.outbox)
+        self.data_dir = data_dir
+        self.device = device
+        self.cache_dir = cache_dir
+        self.max_upload_rate = max_upload_rate
+        self.activity = Activity()
+        self._learner = None
+        self._learner_spec: str | None = None
+        self._poll_interval = 1.0
+        self._contacted = False
+
+    # -- main loop -------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Work until the coordinator says the run is finished; reconnect with backoff on transport errors."""
+        backoff = 1.0
+        while True:
+            try:
+                with self.identity.channel(self.coordinator) as channel:
+                    stub = federation_pb2_grpc.FederationStub(channel)
+                    if self._serve(stub):
+                        return
+            except grpc.RpcError as exc:
+                if self._contacted:  # the connection worked before this failure: start backing off afresh
+                    backoff, self._contacted = 1.0, False
+                if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    raise FatalError(f"coordinator refused this site: {exc.details()}") from exc
+                if exc.code() not in RETRYABLE:
+                    raise
+                log.warning("coordinator unreachable (%s: %s); retrying in %.0fs", exc.code().name,
+                            exc.details(), backoff)
+                time.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+            except ConnectionError as exc:
+                log.warning("%s; retrying in %.0fs", exc, backoff)
+                time.sleep(backoff)
+            except VerificationError as exc:
+                raise FatalError(f"refusing a global that does not verify: {exc}") from exc
+
+    def _serve(self, stub: federation_pb2_grpc.FederationStub) -> bool:
+        """Poll and act until the run finishes (True) or an RpcError escapes."""
+        while True:
+            task = stub.Poll(self.activity.request(), timeout=30)
+            self._contacted = True
+            self._poll_interval = task.poll_interval_s or 1.0
+            self.activity.run_id, self.activity.round = task.run_id, task.round
+            if task.federation_id != self.identity.federation_id:
+                raise FatalError("coordinator belongs to another federation")
+            if task.action == pb.ACTION_FINISHED:
+                self.activity.set(pb.CLIENT_STATE_DONE, "run finished")
+                stub.Poll(self.activity.request(), timeout=30)
+                log.info("run %s finished", task.run_id)
+                return True
+            if task.action == pb.ACTION_INIT:
+                self._with_heartbeat(stub, self._init, stub, task)
+            elif task.action == pb.ACTION_TRAIN:
+                self._with_heartbeat(stub, self._train, stub, task)
+            elif task.action == pb.ACTION_EVALUATE:
+                self._with_heartbeat(stub, self._evaluate, stub, task)
+            else:
+                time.sleep(self._poll_interval)
+
+    def _with_heartbeat(self, stub, work, *args) -> None:
+        """Run `work` while a background thread keeps reporting progress to the coordinator."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self._poll_interval):
+                with contextlib.suppress(grpc.RpcError):  # the main thread handles connection problems
+                    stub.Poll(self.activity.request(), timeout=10)
+
+        thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
+        thread.start()
+        try:
+            work(*args)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            self.activity.set(pb.CLIENT_STATE_IDLE)
+
+    # -- actions ---------------------------------------------------------------------------------------------
+    def learner(self, spec_json: str):
+        """The resident model for this task spec (rebuilt only when the spec changes)."""
+        if self._learner is None or self._learner_spec != spec_json:
+            from fedvlm.learner import Learner
+
+            spec = TaskSpec.from_json(spec_json)
+            log.info("building model %s (%s) on %s", spec.model, spec.strategy, self.device)
+            self._learner = Learner(spec, self.data_dir, device=self.device, cache_dir=self.cache_dir)
+            self._learner_spec = spec_json
+            log.info("local data: %d train / %d test examples", self._learner.num_train_examples,
+                     self._learner.num_test_examples)
+        return self._learner
+
+    def _init(self, stub, task) -> None:
+        self.activity.set(pb.CLIENT_STATE_TRAINING, "building the initial adapter")
+        learner = self.learner(task.task_spec_json)
+        pending = self.outbox.get(task.run_id, 0)
+        if pending is None:
+            metadata = {adapters.ADAPTER_CONFIG_METADATA: json.dumps(learner.adapter_config(), sort_keys=True)}
+            data = adapters.to_bytes(learner.adapter_state(), metadata)
+            pending = self._sign_and_store(task, signing.INITIAL_BASE, data, learner.num_train_examples)
+        self._upload(stub, pending)
+
+    def _train(self, stub, task) -> None:
+        base = task.global_version
+        pending = self.outbox.get(task.run_id, task.round)
+        if pending is not None and pending.manifest.base_digest == base.digest:
+            log.info("round %d: resuming the upload of the update already trained", task.round)
+            self._upload(stub, pending)
+            return
+        learner = self._load_global(stub, task)
+        self._report_eval(stub, task, learner)
+        self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}")
+
+        def progress(step: int, total: int) -> None:
+            self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}: step {step}/{total}")
+
+        result = learner.train_round(task.round, progress)
+        log.info("round %d: trained %d steps on %d examples in %.1fs (loss %.3f -> %.3f)", task.round, result.steps,
+                 result.num_examples, result.seconds, result.loss_first, result.loss_last)
+        data = adapters.to_bytes(learner.adapter_state())
+        pending = self._sign_and_store(task, base.digest, data, result.num_examples)
+        stub.ReportMetrics(pb.MetricsReport(
+            run_id=task.run_id, round=task.round, kind="train",
+            metrics={"loss_first": result.loss_first, "loss_last": result.loss_last, "steps": result.steps,
+                     "seconds": result.seconds, "num_examples": result.num_examples}), timeout=30)
+        self._upload(stub, pending)
+
+    def _evaluate(self, stub, task) -> None:
+        learner = self._load_global(stub, task)
+        self._report_eval(stub, task, learner)
+
+    def _load_global(self, stub, task):
+        info = task.global_version
+        verify_global_info(info, self.identity.ca_cert, self.identity.federation_id, task.run_id)
+        self.activity.set(pb.CLIENT_STATE_DOWNLOADING, f"global {info.digest[:12]}", 0, info.size)
+
+        def progress(done: int, total: int) -> None:
+            self.activity.set(pb.CLIENT_STATE_DOWNLOADING, f"global {info.digest[:12]}", done, total)
+
+        data = download_global(stub, info, self.state.downloads, progress)
+        learner = self.learner(task.task_spec_json)
+        learner.load_adapter_state(adapters.from_bytes(data))
+        return learner
+
+    def _report_eval(self, stub, task, learner) -> None:
+        self.activity.set(pb.CLIENT_STATE_EVALUATING, f"global of round {task.round - 1}")
+        metrics = learner.evaluate()
+        log.info("global of round %d on local test split: %s", task.round - 1,
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        stub.ReportMetrics(pb.MetricsReport(run_id=task.run_id, round=task.round - 1, kind="eval",
+                                            global_digest=task.global_version.digest, metrics=metrics), timeout=30)
+
+    def _sign_and_store(self, task, base_digest: str, data: bytes, num_examples: int):
+        manifest = UpdateManifest(
+            federation_id=self.identity.federation_id, run_id=task.run_id, round=task.round,
+            client=self.identity.name, base_digest=base_digest, sha256=adapters.sha256_hex(data), size=len(data),
+            num_examples=num_examples, nonce=signing.new_nonce(), created_at=time.time())
+        signature = signing.sign(self.identity.key, manifest.canonical())
+        self.outbox.clear_except(task.run_id, task.round)
+        return self.outbox.put(manifest, signature, data)
+
+    def _upload(self, stub, pending) -> None:
+        size = pending.manifest.size
+        self.activity.set(pb.CLIENT_STATE_UPLOADING, f"round {pending.manifest.round}", 0, size)
+
+        def progress(done: int, total: int) -> None:
+            self.activity.set(pb.CLIENT_STATE_UPLOADING, f"round {pending.manifest.round}", done, total)
+
+        try:
+            outcome = upload(stub, pending, progress, self.max_upload_rate)
+        except grpc.RpcError as exc:
+            if exc.code() in RETRYABLE:
+                raise  # keep it in the outbox: the next attempt resumes
+            log.warning("round %d: update refused by the coordinator: %s: %s", pending.manifest.round,
+                        exc.code().name, exc.details())
+            self.outbox.remove(pending)
+            return
+        self.outbox.remove(pending)
+        log.info("round %d: update %s accepted (sent %d of %d bytes, resumed from %d)", pending.manifest.round,
+                 outcome.digest[:12], outcome.sent, size, outcome.resumed_from)

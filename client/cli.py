@@ -1,0 +1,70 @@
+"""`fedvlm-client`: the site agent and container entrypoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from fedvlm.logs import setup_logging
+
+from .agent import Agent, FatalError
+from .identity import EnrollmentError, StateDir
+
+app = typer.Typer(add_completion=False)
+
+
+def _device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command()
+def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDVLM_COORDINATOR",
+                                        help="HOST:PORT of the coordinator's federation port."),
+        data: Path = typer.Option(..., "--data", envvar="FEDVLM_DATA",
+                                  help="This site's data folder (train.json, test.json, images)."),
+        join_token: str = typer.Option("", "--join-token", envvar="FEDVLM_JOIN_TOKEN",
+                                       help="One-time token from `fedvlm-coord enroll` (first start only)."),
+        state: Path = typer.Option(Path("fedvlm-site"), "--state", envvar="FEDVLM_STATE",
+                                   help="Where the key, certificate and transfers in progress are kept."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        cache: Path = typer.Option(None, "--cache", envvar="FEDVLM_CACHE", help="Model cache directory."),
+        max_upload_rate: float = typer.Option(0.0, "--max-upload-rate",
+                                              help="Upload bandwidth cap in MB/s (0 = unlimited)."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
+        log_level: str = typer.Option("INFO", "--log-level")) -> None:
+    """Join the federation (enrolling with the token the first time), then train rounds until the run ends."""
+    setup_logging(log_level)
+    if not data.is_dir():
+        typer.echo(f"error: --data {data} is not a directory", err=True)
+        raise typer.Exit(2)
+    state_dir = StateDir(state)
+    identity = state_dir.load()
+    try:
+        if identity is None:
+            if not join_token:
+                typer.echo(f"error: {state} holds no identity yet: pass --join-token from `fedvlm-coord enroll`",
+                           err=True)
+                raise typer.Exit(2)
+            identity = state_dir.enroll(coordinator, join_token)
+            typer.echo(f"enrolled as {identity.name} in federation {identity.federation_id[:12]}", err=True)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        if cache:
+            os.environ["FEDVLM_CACHE"] = str(cache)
+        Agent(coordinator, identity, state_dir, data, _device(device), cache,
+              max_upload_rate * 1e6).run()
+    except (EnrollmentError, FatalError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def main() -> None:
+    app()

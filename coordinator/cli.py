@@ -1,0 +1,262 @@
+"""`fedvlm-coord`: create a federation, enroll sites, run the daemon, watch and export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.live import Live
+
+from fedvlm.logs import setup_logging
+from fedvlm.security import pki
+from fedvlm.security.tokens import TokenError, parse_duration
+from fedvlm.spec import SpecError
+
+from .audit import AuditError, verify_audit
+from .blobs import BlobStore
+from .config import DEFAULT_TOML
+from .enrollment import Enroller, check_site_name
+from .export import ExportError, export_global
+from .layout import FederationDir
+from .status import client_table, render, rounds_table, snapshot
+from .store import Store
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="The fedvlm coordinator: federation set-up, the daemon, status and export.")
+audit_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The hash-chained audit log.")
+app.add_typer(audit_app, name="audit")
+console = Console()
+err = Console(stderr=True)
+
+DirOpt = typer.Option(Path("fedvlm-federation"), "--dir", "-d", help="Federation state directory.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+DEFAULT_ENROLL_PORT = 50052
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def _open(dir: Path, readonly: bool = False) -> tuple[FederationDir, Store]:
+    fed = FederationDir(dir)
+    if not fed.exists():
+        fail(f"{dir} is not a federation directory (run `fedvlm-coord init --dir {dir}` first)")
+    return fed, Store(fed.database, readonly=readonly)
+
+
+@app.command()
+def init(dir: Path = DirOpt,
+         host: str = typer.Option("localhost", "--host", help="Comma-separated DNS names / IPs clients use to "
+                                  "reach the coordinator (certificate SANs)."),
+         name: str = typer.Option("fedvlm", "--name", help="Federation name (CA common name).")) -> None:
+    """Create a federation: CA, server and admin certificates, state database, a default federation.toml."""
+    fed = FederationDir(dir)
+    if fed.database.exists() or fed.ca_cert.exists():
+        fail(f"{dir} already holds a federation; refusing to overwrite it")
+    hosts = [h.strip() for h in host.split(",") if h.strip()]
+    if not hosts:
+        fail("--host needs at least one name")
+    fed.pki.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = pki.create_ca(name)
+    server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
+    admin_key = pki.generate_key()
+    admin_cert = pki.issue_cert_for_key(ca_key, ca_cert, admin_key.public_key(), "admin", "admin", 3650 * 86400)
+    pki.write_private(fed.ca_key, pki.key_to_pem(ca_key))
+    pki.write_public(fed.ca_cert, pki.cert_to_pem(ca_cert))
+    pki.write_private(fed.server_key, pki.key_to_pem(server_key))
+    pki.write_public(fed.server_cert, pki.cert_to_pem(server_cert))
+    pki.write_private(fed.admin_key, pki.key_to_pem(admin_key))
+    pki.write_public(fed.admin_cert, pki.cert_to_pem(admin_cert))
+    if not fed.config.exists():
+        fed.config.write_text(DEFAULT_TOML.format(name=name))
+    store = Store(fed.database)
+    federation_id = uuid.uuid4().hex
+    store.set_meta("federation_id", federation_id)
+    with store.tx() as db:
+        store.append_audit(db, {"kind": "init", "federation_id": federation_id, "ca": pki.fingerprint(ca_cert)})
+    store.close()
+    console.print(f"federation [bold]{name}[/] created in {dir}")
+    console.print(f"  CA fingerprint (sha256): {pki.fingerprint(ca_cert)}")
+    console.print(f"  server certificate for: {', '.join(hosts)}")
+    console.print(f"  edit {fed.config}, then: fedvlm-coord enroll SITE --dir {dir}; fedvlm-coord serve --dir {dir}")
+
+
+@app.command()
+def enroll(site: str = typer.Argument(..., help="Site name (becomes its certificate's common name)."),
+           dir: Path = DirOpt,
+           ttl: str = typer.Option("24h", "--ttl", help="Token lifetime, e.g. 15m, 24h, 7d."),
+           enroll_port: int = typer.Option(0, "--enroll-port",
+                                           help="Enrollment port the site will use (default: the running "
+                                                f"daemon's, else {DEFAULT_ENROLL_PORT}).")) -> None:
+    """Print a one-time join token for SITE."""
+    fed, store = _open(dir)
+    try:
+        check_site_name(site)
+        seconds = parse_duration(ttl)
+    except (ValueError, TokenError) as exc:
+        fail(str(exc))
+    if not enroll_port:
+        enroll_port = DEFAULT_ENROLL_PORT
+        if fed.address_file.exists():
+            enroll_port = int(json.loads(fed.address_file.read_text())["enrollment"].rsplit(":", 1)[1])
+    enroller = Enroller(store, None, pki.load_cert_pem(fed.ca_cert.read_bytes()), store.get_meta("federation_id"))
+    token = enroller.issue_token(site, seconds, enroll_port)
+    store.close()
+    typer.echo(token.encode())
+
+
+@app.command()
+def serve(dir: Path = DirOpt,
+          listen: str = typer.Option("0.0.0.0:50051", "--listen", help="Federation port (mutual TLS)."),
+          enroll_listen: str = typer.Option(f"0.0.0.0:{DEFAULT_ENROLL_PORT}", "--enroll-listen",
+                                            help="Enrollment port (token-authenticated, no TLS)."),
+          metrics_listen: str = typer.Option("", "--metrics-listen",
+                                             help="Serve Prometheus /metrics on HOST:PORT (off by default)."),
+          exit_when_done: bool = typer.Option(False, "--exit-when-done", help="Exit once the run has finished."),
+          log_level: str = typer.Option("INFO", "--log-level")) -> None:
+    """Run the coordinator daemon (restart-safe: it resumes the run and round it was in)."""
+    setup_logging(log_level)
+    fed, store = _open(dir)
+    store.close()
+    from .server import Coordinator
+
+    try:
+        coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None)
+        coordinator.start()
+    except (SpecError, OSError) as exc:
+        fail(str(exc))
+    coordinator.wait(exit_when_done=exit_when_done)
+
+
+def _status_dict(dir: Path | None, coordinator: str | None, cert: Path | None, key: Path | None,
+                 ca: Path | None) -> dict:
+    if coordinator:
+        from fedvlm.wire.credentials import mtls_channel_from_files
+        from fedvlm.wire.v1 import admin_pb2, admin_pb2_grpc
+
+        if dir is not None:
+            fed = FederationDir(dir)
+            cert, key, ca = cert or fed.admin_cert, key or fed.admin_key, ca or fed.ca_cert
+        if not (cert and key and ca):
+            fail("--coordinator needs --cert, --key and --ca (or --dir holding the admin certificate)")
+        import grpc
+
+        with mtls_channel_from_files(coordinator, key, cert, ca) as channel:
+            try:
+                reply = admin_pb2_grpc.AdminStub(channel).GetStatus(admin_pb2.StatusRequest(), timeout=10)
+            except grpc.RpcError as exc:
+                fail(f"{coordinator}: {exc.code().name}: {exc.details()}")
+        return json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+    _, store = _open(dir or Path("fedvlm-federation"), readonly=True)
+    try:
+        return snapshot(store, live=False)
+    finally:
+        store.close()
+
+
+RemoteOpt = typer.Option(None, "--coordinator", help="HOST:PORT of a live coordinator (uses the Admin RPC).")
+CertOpt = typer.Option(None, "--cert", help="Admin certificate (PEM).")
+KeyOpt = typer.Option(None, "--key", help="Admin key (PEM).")
+CaOpt = typer.Option(None, "--ca", help="Federation CA certificate (PEM).")
+LocalDirOpt = typer.Option(None, "--dir", "-d", help="Federation state directory (read directly).")
+
+
+@app.command()
+def status(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = CertOpt, key: Path = KeyOpt,
+           ca: Path = CaOpt, as_json: bool = JsonOpt,
+           watch: float = typer.Option(0.0, "--watch", help="Refresh every N seconds until interrupted.")) -> None:
+    """Run, round, phase, deadline, quorum and every client with its state, transfer, heartbeat and metrics."""
+    if as_json:
+        typer.echo(json.dumps(_status_dict(dir, coordinator, cert, key, ca), indent=2, sort_keys=True))
+        return
+    if watch <= 0:
+        render(_status_dict(dir, coordinator, cert, key, ca), console)
+        return
+    from rich.console import Group
+
+    with Live(console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                s = _status_dict(dir, coordinator, cert, key, ca)
+                live.update(Group(client_table(s), rounds_table(s)))
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def clients(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = CertOpt, key: Path = KeyOpt,
+            ca: Path = CaOpt, as_json: bool = JsonOpt) -> None:
+    """Enrolled sites with their state."""
+    s = _status_dict(dir, coordinator, cert, key, ca)
+    if as_json:
+        typer.echo(json.dumps(s["clients"], indent=2, sort_keys=True))
+    else:
+        console.print(client_table(s))
+
+
+@app.command()
+def rounds(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = CertOpt, key: Path = KeyOpt,
+           ca: Path = CaOpt, as_json: bool = JsonOpt) -> None:
+    """Global versions with their number of updates and evaluation metrics."""
+    s = _status_dict(dir, coordinator, cert, key, ca)
+    if as_json:
+        typer.echo(json.dumps(s["rounds"], indent=2, sort_keys=True))
+    else:
+        console.print(rounds_table(s))
+
+
+@app.command()
+def revoke(site: str, dir: Path = DirOpt) -> None:
+    """Refuse SITE from now on (its certificate stops working at the next RPC)."""
+    _, store = _open(dir)
+    with store.tx() as db:
+        changed = db.execute("UPDATE clients SET revoked=1 WHERE name=?", (site,)).rowcount
+        if changed:
+            store.append_audit(db, {"kind": "revoke", "name": site})
+    store.close()
+    if not changed:
+        fail(f"no enrolled site named {site!r}")
+    console.print(f"revoked {site}")
+
+
+@app.command()
+def export(dir: Path = DirOpt,
+           round_: int = typer.Option(None, "--round", help="Global round to export (default: the latest)."),
+           out: Path = typer.Option(..., "--out", help="New directory for the PEFT adapter.")) -> None:
+    """Write a global version as a PEFT adapter directory (loads with PeftModel.from_pretrained)."""
+    fed, store = _open(dir, readonly=True)
+    try:
+        path = export_global(store, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()),
+                             round_, out)
+    except ExportError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    console.print(f"exported to {path}")
+
+
+@audit_app.command("verify")
+def audit_verify(dir: Path = DirOpt) -> None:
+    """Re-check the audit hash chain, every global's signature and every global's bytes."""
+    fed, store = _open(dir, readonly=True)
+    try:
+        report = verify_audit(store, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()))
+    except AuditError as exc:
+        fail(f"audit verification failed: {exc}")
+    finally:
+        store.close()
+    console.print(f"audit log OK: {report.entries} entries, {report.globals_checked} signed global versions verified")
+
+
+def main() -> None:
+    logging.captureWarnings(True)
+    app()

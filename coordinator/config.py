@@ -1,0 +1,155 @@
+"""federation.toml: the run the coordinator schedules, validated once at load with errors naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedvlm.security.tokens import TokenError, parse_duration
+from fedvlm.spec import SpecError, TaskSpec
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How rounds are scheduled. Durations are seconds."""
+
+    rounds: int = 5
+    min_clients: int = 3  # live clients needed before a round starts
+    clients_per_round: int = 3  # n sampled per round
+    quorum: int = 3  # k of n accepted updates needed to aggregate at the deadline
+    round_deadline: float = 600.0
+    poll_interval: float = 1.0
+    heartbeat_timeout: float = 60.0  # a client silent for longer is offline and is not sampled
+    max_update_mb: float = 1024.0
+    final_eval: bool = True  # after the last round, ask the sites to evaluate the final global
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rounds >= 1, "run.rounds", "must be >= 1"),
+            (self.min_clients >= 1, "run.min_clients", "must be >= 1"),
+            (self.clients_per_round >= 1, "run.clients_per_round", "must be >= 1"),
+            (self.clients_per_round <= self.min_clients, "run.clients_per_round", "must be <= run.min_clients"),
+            (1 <= self.quorum <= self.clients_per_round, "run.quorum", "must be between 1 and run.clients_per_round"),
+            (self.round_deadline > 0, "run.round_deadline", "must be > 0"),
+            (self.poll_interval > 0, "run.poll_interval", "must be > 0"),
+            (self.heartbeat_timeout > self.poll_interval, "run.heartbeat_timeout", "must exceed run.poll_interval"),
+            (self.max_update_mb > 0, "run.max_update_mb", "must be > 0"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise SpecError(f"{key}: {why}")
+
+    @property
+    def max_update_bytes(self) -> int:
+        return int(self.max_update_mb * (1 << 20))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The whole federation.toml: a name, the run schedule and the task every site trains."""
+
+    name: str = "fedvlm"
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskSpec = field(default_factory=TaskSpec)
+
+    @classmethod
+    def load(cls, path: Path) -> FederationConfig:
+        """Parse and validate; raises SpecError naming the file and key on any bad value."""
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise SpecError(f"{path}: not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"{path}: invalid TOML: {exc}") from exc
+        try:
+            return cls.from_dict(raw)
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FederationConfig:
+        raw = dict(raw)
+        name = raw.pop("name", "fedvlm")
+        if not isinstance(name, str) or not name:
+            raise SpecError("name: must be a non-empty string")
+        run = _run_config(raw.pop("run", {}))
+        task = TaskSpec.from_dict(raw.pop("task", {}))
+        if raw:
+            raise SpecError(f"{sorted(raw)[0]}: unknown key (known: name, run, task)")
+        return cls(name=name, run=run, task=task)
+
+
+_DURATIONS = {"round_deadline", "poll_interval", "heartbeat_timeout"}
+
+
+def _run_config(raw: Any) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise SpecError("run: expected a table")
+    known = {f.name: f for f in dataclasses.fields(RunConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise SpecError(f"run.{key}: unknown key (known: {', '.join(sorted(known))})")
+        if key in _DURATIONS:
+            values[key] = _seconds(value, f"run.{key}")
+            continue
+        default = known[key].default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise SpecError(f"run.{key}: expected true or false")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpecError(f"run.{key}: expected a number")
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"run.{key}: expected an integer")
+        values[key] = value
+    return RunConfig(**values)
+
+
+def _seconds(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise SpecError(f"{key}: must be > 0")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(parse_duration(value))
+        except TokenError as exc:
+            raise SpecError(f"{key}: {exc}") from exc
+    raise SpecError(f"{key}: expected a duration like \"90s\", \"10m\" or a number of seconds")
+
+
+DEFAULT_TOML = """\
+# fedvlm federation config. Edit before `fedvlm-coord serve`; the run starts with the values found then.
+name = "{name}"
+
+[run]
+rounds = 5                 # federated rounds
+min_clients = 3            # live clients needed before a round starts
+clients_per_round = 3      # sites sampled per round
+quorum = 3                 # accepted updates needed to aggregate when the deadline passes (k of n)
+round_deadline = "10m"     # a round closes at its deadline; late updates are refused
+poll_interval = "1s"
+heartbeat_timeout = "60s"
+max_update_mb = 1024       # larger updates are refused
+
+[task]
+model = "tiny-llava"       # a built-in preset or "hf:<hub id or local path>"
+strategy = "F-CL"          # F-C connector | F-L LLM LoRA | F-CL both | F-2stage
+task_type = "classification"
+seed = 0
+
+[task.lora]
+r = 8
+alpha = 32
+dropout = 0.05
+
+[task.train]
+local_epochs = 1.0
+batch_size = 8
+lr = 0.001
+"""

@@ -1,0 +1,235 @@
+"""Intake of signed updates: manifest checks, resumable chunked reception, verification and acceptance.
+
+An update is accepted only if every check passes; until then nothing but the partial-upload row and its part
+file exist, and a refused update leaves no trace among accepted state (updates, nonces, assignments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from fedvlm import adapters
+from fedvlm.adapters import AdapterError
+from fedvlm.security import signing
+from fedvlm.security.signing import SignatureError, UpdateManifest
+
+from .blobs import BlobStore, file_sha256
+from .errors import Refused
+from .store import Run, Store
+
+log = logging.getLogger(__name__)
+
+# Received bytes are made durable (fsync + offset committed) at least this often; a resume restarts from there.
+CHECKPOINT_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class UploadTicket:
+    upload_id: str
+    offset: int
+    size: int
+
+
+class Intake:
+    """Accepts updates for the current run; `on_accepted` wakes the round driver."""
+
+    def __init__(self, store: Store, blobs: BlobStore, uploads_dir: Path, federation_id: str,
+                 max_update_bytes: int, on_accepted: Callable[[], None]) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.uploads_dir = uploads_dir
+        self.federation_id = federation_id
+        self.max_update_bytes = max_update_bytes
+        self.on_accepted = on_accepted
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        uploads_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- announcing an upload -------------------------------------------------------------------------------
+    def start(self, client: str, client_cert: x509.Certificate, manifest_json: str, signature: bytes) -> UploadTicket:
+        """Check a signed manifest and return where to (re)start sending its bytes."""
+        try:
+            manifest = UpdateManifest.from_json(manifest_json)
+        except ValueError as exc:
+            raise Refused("INVALID_ARGUMENT", f"malformed manifest: {exc}") from exc
+        try:
+            signing.verify(client_cert, manifest.canonical(), signature)
+        except SignatureError as exc:
+            raise Refused("UNAUTHENTICATED", "manifest signature does not verify with your certificate") from exc
+        if manifest.client != client:
+            raise Refused("PERMISSION_DENIED", f"manifest names client {manifest.client!r} but you are {client!r}")
+        if manifest.federation_id != self.federation_id:
+            raise Refused("FAILED_PRECONDITION", "manifest is for another federation")
+        if manifest.size <= 0 or manifest.num_examples <= 0:
+            raise Refused("INVALID_ARGUMENT", "manifest size and num_examples must be positive")
+        if manifest.size > self.max_update_bytes:
+            raise Refused("RESOURCE_EXHAUSTED",
+                          f"update of {manifest.size} bytes exceeds the limit of {self.max_update_bytes} bytes")
+        if self.store.one("SELECT 1 FROM nonces WHERE nonce=?", (manifest.nonce,)):
+            raise Refused("ALREADY_EXISTS", "replayed manifest: this nonce was already used")
+        existing = self.store.one("SELECT * FROM uploads WHERE nonce=?", (manifest.nonce,))
+        if existing is not None:
+            if existing["client"] != client or existing["manifest_json"] != manifest_json:
+                raise Refused("ALREADY_EXISTS", "nonce reuse: another manifest was announced with this nonce")
+            return UploadTicket(existing["upload_id"], existing["received"], existing["size"])
+        self._check_round(manifest)
+        upload_id = hashlib.sha256(f"{client}:{manifest.nonce}".encode()).hexdigest()[:32]
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT INTO uploads(upload_id, run_id, round, client, nonce, manifest_json, signature, size, sha256,"
+                " received, created_at) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+                (upload_id, manifest.run_id, manifest.round, client, manifest.nonce, manifest_json, signature,
+                 manifest.size, manifest.sha256, time.time()),
+            )
+        log.info("upload announced client=%s round=%d size=%d id=%s", client, manifest.round, manifest.size,
+                 upload_id)
+        return UploadTicket(upload_id, 0, manifest.size)
+
+    def _check_round(self, manifest: UpdateManifest) -> Run:
+        """The manifest must target the open round of the current run, from its base global, by a sampled client."""
+        run = self.store.current_run()
+        if run is None or manifest.run_id != run.run_id:
+            raise Refused("FAILED_PRECONDITION", "manifest is for a run that is not the current one")
+        if run.state == "init":
+            if manifest.round != 0 or manifest.client != run.init_client:
+                raise Refused("FAILED_PRECONDITION", "the run is waiting for its initial adapter from another site")
+            if self.store.one("SELECT 1 FROM updates WHERE run_id=? AND round=0", (run.run_id,)):
+                raise Refused("ALREADY_EXISTS", "the initial adapter was already accepted")
+            return run
+        if run.state != "running":
+            raise Refused("FAILED_PRECONDITION", f"the run is {run.state}; no updates are taken")
+        if manifest.round != run.round:
+            raise Refused("FAILED_PRECONDITION",
+                          f"update for round {manifest.round} but the open round is {run.round}")
+        rnd = self.store.round(run.run_id, run.round)
+        if rnd is None or rnd.phase != "training":
+            raise Refused("FAILED_PRECONDITION", f"round {run.round} is not collecting updates")
+        status = self.store.assignment(run.run_id, run.round, manifest.client)
+        if status == "accepted":
+            raise Refused("ALREADY_EXISTS", f"your update for round {run.round} was already accepted")
+        if status == "late" or (status == "assigned" and rnd.deadline is not None and time.time() > rnd.deadline):
+            raise Refused("DEADLINE_EXCEEDED", f"late: the deadline of round {run.round} has passed")
+        if status != "assigned":
+            raise Refused("PERMISSION_DENIED", f"you were not sampled for round {run.round}")
+        if manifest.base_digest != rnd.base_digest:
+            raise Refused("FAILED_PRECONDITION",
+                          f"wrong base global: round {run.round} starts from {rnd.base_digest[:12]}")
+        return run
+
+    # -- receiving bytes --------------------------------------------------------------------------------------
+    def receive(self, client: str, frames: Iterator[tuple[str, int, bytes]]) -> tuple[str, int]:
+        """Append frames (upload_id, offset, data) to the part file; accept the update once complete.
+
+        Returns (digest, bytes received): digest is "" while the upload is incomplete. The durable offset is
+        committed every CHECKPOINT_BYTES and when the stream ends, however it ends.
+        """
+        first = next(frames, None)
+        if first is None:
+            raise Refused("INVALID_ARGUMENT", "empty upload stream")
+        upload_id = first[0]
+        row = self.store.one("SELECT * FROM uploads WHERE upload_id=?", (upload_id,))
+        if row is None or row["client"] != client:
+            raise Refused("NOT_FOUND", "unknown upload id: call StartUpload first")
+        with self._lock_for(upload_id):
+            received = self._append(row, first, frames)
+            if received < row["size"]:
+                return "", received
+            return self._finalize(row), received
+
+    def _append(self, row, first: tuple[str, int, bytes], frames: Iterator[tuple[str, int, bytes]]) -> int:
+        upload_id, size = row["upload_id"], row["size"]
+        committed = self.store.one("SELECT received FROM uploads WHERE upload_id=?", (upload_id,))["received"]
+        part = self.part_path(upload_id)
+        position = committed
+        pending = 0
+        with open(part, "ab+") as fh:
+            fh.truncate(committed)  # anything past the committed offset was never acknowledged
+            fh.seek(committed)
+            try:
+                frame = first
+                while frame is not None:
+                    frame_id, offset, data = frame
+                    if frame_id != upload_id:
+                        raise Refused("INVALID_ARGUMENT", "upload id changed within a stream")
+                    if offset != position:
+                        raise Refused("OUT_OF_RANGE", f"expected offset {position}, got {offset}")
+                    if position + len(data) > size:
+                        raise Refused("INVALID_ARGUMENT", f"more bytes than the {size} announced")
+                    fh.write(data)
+                    position += len(data)
+                    pending += len(data)
+                    if pending >= CHECKPOINT_BYTES:
+                        committed = self._checkpoint(fh, upload_id, position)
+                        pending = 0
+                    frame = next(frames, None)
+            finally:
+                if position != committed:
+                    committed = self._checkpoint(fh, upload_id, position)
+        return committed
+
+    def _checkpoint(self, fh, upload_id: str, position: int) -> int:
+        fh.flush()
+        os.fsync(fh.fileno())
+        with self.store.tx() as db:
+            db.execute("UPDATE uploads SET received=? WHERE upload_id=?", (position, upload_id))
+        return position
+
+    def _finalize(self, row) -> str:
+        """Verify a complete upload and accept it atomically, or discard it with a clear refusal."""
+        part = self.part_path(row["upload_id"])
+        manifest = UpdateManifest.from_json(row["manifest_json"])
+        try:
+            digest = file_sha256(part)
+            if digest != manifest.sha256:
+                raise Refused("INVALID_ARGUMENT", "digest mismatch: the bytes are not the ones the manifest signed")
+            run = self._check_round(manifest)
+            self._check_tensors(part, run)
+        except Refused:
+            self._discard(row["upload_id"])
+            raise
+        self.blobs.adopt(part, digest)
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT INTO updates(run_id, round, client, digest, num_examples, manifest_json, signature,"
+                " accepted_at) VALUES (?,?,?,?,?,?,?,?)",
+                (manifest.run_id, manifest.round, manifest.client, digest, manifest.num_examples,
+                 row["manifest_json"], row["signature"], time.time()),
+            )
+            db.execute("INSERT INTO nonces(nonce, client, used_at) VALUES (?,?,?)",
+                       (manifest.nonce, manifest.client, time.time()))
+            db.execute("UPDATE assignments SET state='accepted' WHERE run_id=? AND round=? AND client=?",
+                       (manifest.run_id, manifest.round, manifest.client))
+            db.execute("DELETE FROM uploads WHERE upload_id=?", (row["upload_id"],))
+        log.info("update accepted client=%s round=%d digest=%s", manifest.client, manifest.round, digest[:12])
+        self.on_accepted()
+        return digest
+
+    def _check_tensors(self, part: Path, run: Run) -> None:
+        try:
+            if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
+                adapters.check_schema(adapters.read_file_schema(part), adapters.schema_from_json(run.schema_json))
+            for name, tensor in adapters.iter_file_tensors(part):
+                adapters.check_finite({name: tensor})
+        except AdapterError as exc:
+            raise Refused("INVALID_ARGUMENT", f"update refused: {exc}") from exc
+
+    def _discard(self, upload_id: str) -> None:
+        self.part_path(upload_id).unlink(missing_ok=True)
+        with self.store.tx() as db:
+            db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
+
+    def part_path(self, upload_id: str) -> Path:
+        return self.uploads_dir / f"{upload_id}.part"
+
+    def _lock_for(self, upload_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(upload_id, threading.Lock())

@@ -1,0 +1,137 @@
+"""The coordinator daemon: state, round driver and two gRPC servers.
+
+- the federation port (mutual TLS required at the handshake): Federation, Admin, health, reflection;
+- the enrollment port (no TLS; token HMAC + CA pin, see enrollment.proto): Enrollment, health, reflection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fedvlm.security import pki
+from fedvlm.wire.credentials import SERVER_OPTIONS, mtls_server_credentials
+from fedvlm.wire.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    federation_pb2,
+    federation_pb2_grpc,
+)
+
+from .blobs import BlobStore
+from .config import FederationConfig
+from .enrollment import Enroller
+from .intake import Intake
+from .layout import FederationDir
+from .rounds import RoundDriver
+from .service import AdminService, EnrollmentService, FederationService
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bound:
+    federation: str
+    enrollment: str
+
+
+class Coordinator:
+    """Everything a running coordinator holds; `start()` binds the ports, `stop()` shuts down cleanly."""
+
+    def __init__(self, fed: FederationDir, listen: str, enroll_listen: str, metrics_listen: str | None = None):
+        self.fed = fed
+        self.config = FederationConfig.load(fed.config)
+        self.store = Store(fed.database)
+        self.federation_id = self.store.get_meta("federation_id")
+        self.blobs = BlobStore(fed.blobs)
+        self.ca_cert = pki.load_cert_pem(fed.ca_cert.read_bytes())
+        self.server_key = pki.load_key_pem(fed.server_key.read_bytes())
+        self.driver = RoundDriver(self.store, self.blobs, self.config, self.federation_id, self.server_key)
+        self.intake = Intake(self.store, self.blobs, fed.uploads, self.federation_id,
+                             self.config.run.max_update_bytes, self.driver.wake)
+        self.enroller = Enroller(self.store, pki.load_key_pem(fed.ca_key.read_bytes()), self.ca_cert,
+                                 self.federation_id)
+        self.listen, self.enroll_listen, self.metrics_listen = listen, enroll_listen, metrics_listen
+        self._stop = threading.Event()
+        self._servers: list[grpc.Server] = []
+        self._driver_thread: threading.Thread | None = None
+
+    def start(self) -> Bound:
+        self.driver.ensure_run()
+        self.driver.tick()
+        main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+        federation_pb2_grpc.add_FederationServicer_to_server(
+            FederationService(self.store, self.blobs, self.intake, self.config, self.federation_id,
+                              self.fed.server_cert.read_bytes()), main)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.store, self.config), main)
+        creds = mtls_server_credentials(self.fed.server_key.read_bytes(), self.fed.server_cert.read_bytes(),
+                                        self.fed.ca_cert.read_bytes())
+        main_port = main.add_secure_port(self.listen, creds)
+        enroll = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(self.enroller), enroll)
+        enroll_port = enroll.add_insecure_port(self.enroll_listen)
+        if not main_port or not enroll_port:
+            raise OSError(f"could not bind {self.listen} / {self.enroll_listen}")
+        for server, services in ((main, [federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name,
+                                         admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name]),
+                                 (enroll, [enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name])):
+            health_servicer = health.HealthServicer()
+            for name in ["", *services]:
+                health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+            server.start()
+            self._servers.append(server)
+        if self.metrics_listen:
+            from .metrics import start_metrics
+
+            start_metrics(self.metrics_listen, self.store)
+        self._driver_thread = threading.Thread(target=self.driver.loop, args=(self._stop,), daemon=True,
+                                               name="round-driver")
+        self._driver_thread.start()
+        bound = Bound(_with_port(self.listen, main_port), _with_port(self.enroll_listen, enroll_port))
+        tmp = self.fed.address_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"federation": bound.federation, "enrollment": bound.enrollment,
+                                   "pid": os.getpid()}))
+        os.replace(tmp, self.fed.address_file)
+        log.info("serving federation on %s (mTLS), enrollment on %s", bound.federation, bound.enrollment)
+        return bound
+
+    def run_finished(self) -> bool:
+        run = self.store.current_run()
+        return run is not None and run.state == "done"
+
+    def wait(self, exit_when_done: bool = False) -> None:
+        """Block until SIGINT/SIGTERM (or, with exit_when_done, until the run is done and sites were told)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.wait(0.5):
+            if exit_when_done and self.run_finished():
+                self._stop.wait(3 * self.config.run.poll_interval)  # let polling sites hear "finished"
+                break
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for server in self._servers:
+            server.stop(grace=2).wait()
+        if self._driver_thread:
+            self._driver_thread.join(timeout=5)
+        self.store.close()
+
+
+def _with_port(listen: str, port: int) -> str:
+    host = listen.rsplit(":", 1)[0]
+    return f"{host}:{port}"

@@ -1,0 +1,209 @@
+"""gRPC servicers: they authenticate the caller from its verified certificate and delegate to the state layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+from cryptography import x509
+from google.protobuf import json_format
+
+from fedvlm.security import pki
+from fedvlm.wire.chunks import iter_file_chunks
+from fedvlm.wire.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    federation_pb2,
+    federation_pb2_grpc,
+)
+
+from .blobs import BlobStore
+from .config import FederationConfig
+from .enrollment import Enroller
+from .errors import Refused
+from .intake import Intake
+from .status import snapshot
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+Pb = federation_pb2
+CLIENT_STATES = {
+    Pb.CLIENT_STATE_IDLE: "idle", Pb.CLIENT_STATE_DOWNLOADING: "downloading", Pb.CLIENT_STATE_TRAINING: "training",
+    Pb.CLIENT_STATE_UPLOADING: "uploading", Pb.CLIENT_STATE_DONE: "done", Pb.CLIENT_STATE_EVALUATING: "evaluating",
+}
+
+
+def _abort(context: grpc.ServicerContext, refused: Refused) -> None:
+    context.abort(getattr(grpc.StatusCode, refused.code), refused.message)
+
+
+def _peer_certificate(context: grpc.ServicerContext) -> x509.Certificate:
+    cert = pki.peer_cert(context)
+    if cert is None:
+        raise Refused("UNAUTHENTICATED", "a client certificate is required")
+    return cert
+
+
+def _guarded(method: Callable) -> Callable:
+    """Turn a Refused raised by a handler into a gRPC status with its message."""
+
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Refused as refused:
+            log.info("refused %s: %s %s", method.__name__, refused.code, refused.message)
+            _abort(context, refused)
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class FederationService(federation_pb2_grpc.FederationServicer):
+    """The site-facing service. Identity = the verified certificate's CN, checked against the enrolled one."""
+
+    def __init__(self, store: Store, blobs: BlobStore, intake: Intake, config: FederationConfig,
+                 federation_id: str, signer_cert_pem: bytes) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.intake = intake
+        self.config = config
+        self.federation_id = federation_id
+        self.signer_cert_pem = signer_cert_pem
+
+    def _client(self, context: grpc.ServicerContext) -> tuple[str, x509.Certificate]:
+        cert = _peer_certificate(context)
+        if pki.cert_role(cert) != "client":
+            raise Refused("PERMISSION_DENIED", "this service is for enrolled sites")
+        name = pki.cert_name(cert)
+        row = self.store.client(name)
+        if row is None or row["cert_fingerprint"] != pki.fingerprint(cert):
+            raise Refused("PERMISSION_DENIED", f"certificate for {name!r} is not the one enrolled")
+        if row["revoked"]:
+            raise Refused("PERMISSION_DENIED", f"client {name!r} has been revoked")
+        return name, cert
+
+    @_guarded
+    def Poll(self, request, context):
+        name, _ = self._client(context)
+        self.store.touch_client(name, CLIENT_STATES.get(request.state, "idle"), request.detail[:200],
+                                request.bytes_done, request.bytes_total)
+        return self._assignment_for(name)
+
+    def _assignment_for(self, name: str) -> federation_pb2.Assignment:
+        run = self.store.current_run()
+        base = dict(federation_id=self.federation_id, poll_interval_s=self.config.run.poll_interval)
+        if run is None:
+            return Pb.Assignment(action=Pb.ACTION_WAIT, message="no run yet", **base)
+        base.update(run_id=run.run_id, task_spec_json=run.task_json)
+        if run.state == "done":
+            return Pb.Assignment(action=Pb.ACTION_FINISHED, round=run.round, message="run finished", **base)
+        if run.state == "init":
+            if run.init_client is None:
+                with self.store.tx() as db:
+                    db.execute("UPDATE runs SET init_client=? WHERE run_id=? AND init_client IS NULL",
+                               (name, run.run_id))
+                run = self.store.current_run()
+            if run.init_client == name and not self.store.one(
+                    "SELECT 1 FROM updates WHERE run_id=? AND round=0", (run.run_id,)):
+                return Pb.Assignment(action=Pb.ACTION_INIT, round=0, **base)
+            return Pb.Assignment(action=Pb.ACTION_WAIT, message="waiting for the initial adapter", **base)
+        rnd = self.store.round(run.run_id, run.round)
+        status = self.store.assignment(run.run_id, run.round, name)
+        if status != "assigned" or rnd is None or (rnd.deadline or 0) < time.time():
+            return Pb.Assignment(action=Pb.ACTION_WAIT, round=run.round, message=f"round {run.round}: not sampled",
+                                 **base)
+        if run.state == "running" and rnd.phase == "training":
+            action = Pb.ACTION_TRAIN
+        elif run.state == "evaluating" and not self.store.one(
+                "SELECT 1 FROM metrics WHERE run_id=? AND round=? AND client=? AND kind='eval'",
+                (run.run_id, run.round - 1, name)):
+            action = Pb.ACTION_EVALUATE
+        else:
+            return Pb.Assignment(action=Pb.ACTION_WAIT, round=run.round, **base)
+        return Pb.Assignment(action=action, round=run.round, deadline_unix=rnd.deadline,
+                             global_version=self._global_info(rnd.base_digest), **base)
+
+    def _global_info(self, digest: str) -> federation_pb2.GlobalInfo:
+        row = self.store.global_by_digest(digest)
+        return Pb.GlobalInfo(digest=digest, size=row["size"], record_json=row["record_json"],
+                             signature=row["signature"], signer_cert_pem=self.signer_cert_pem)
+
+    def FetchGlobal(self, request, context) -> Iterator[common_pb2.Chunk]:
+        try:
+            self._client(context)
+            if self.store.global_by_digest(request.digest) is None:
+                raise Refused("NOT_FOUND", f"no global version {request.digest[:12]}")
+        except Refused as refused:
+            _abort(context, refused)
+        path = self.blobs.path(request.digest)
+        if request.offset < 0 or request.offset > path.stat().st_size:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, "offset past the end of the global")
+        for offset, data in iter_file_chunks(path, request.offset):
+            yield common_pb2.Chunk(offset=offset, data=data)
+
+    @_guarded
+    def StartUpload(self, request, context):
+        name, cert = self._client(context)
+        ticket = self.intake.start(name, cert, request.manifest_json, request.signature)
+        return Pb.UploadState(upload_id=ticket.upload_id, offset=ticket.offset, size=ticket.size)
+
+    def Upload(self, request_iterator, context):
+        try:
+            name, _ = self._client(context)
+            frames = ((f.upload_id, f.offset, f.data) for f in request_iterator)
+            digest, received = self.intake.receive(name, frames)
+        except Refused as refused:
+            _abort(context, refused)
+        return Pb.UploadResult(digest=digest, bytes_received=received)
+
+    @_guarded
+    def ReportMetrics(self, request, context):
+        name, _ = self._client(context)
+        run = self.store.current_run()
+        if run is None or request.run_id != run.run_id:
+            raise Refused("FAILED_PRECONDITION", "metrics for a run that is not the current one")
+        if request.kind not in ("eval", "train"):
+            raise Refused("INVALID_ARGUMENT", "metrics kind must be 'eval' or 'train'")
+        metrics = {k: float(v) for k, v in request.metrics.items()}
+        with self.store.tx() as db:
+            db.execute("INSERT OR REPLACE INTO metrics(run_id, round, client, kind, global_digest, metrics_json,"
+                       " reported_at) VALUES (?,?,?,?,?,?,?)",
+                       (run.run_id, request.round, name, request.kind, request.global_digest,
+                        json.dumps(metrics, sort_keys=True), time.time()))
+            db.execute("UPDATE clients SET last_metrics=? WHERE name=?", (json.dumps(metrics, sort_keys=True), name))
+        return Pb.MetricsAck()
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    """Operator RPCs: callers need a certificate with role "admin"."""
+
+    def __init__(self, store: Store, config: FederationConfig) -> None:
+        self.store = store
+        self.config = config
+
+    @_guarded
+    def GetStatus(self, request, context):
+        cert = _peer_certificate(context)
+        if pki.cert_role(cert) != "admin":
+            raise Refused("PERMISSION_DENIED", "the admin service needs an admin certificate")
+        return json_format.ParseDict(snapshot(self.store, live=True), admin_pb2.FederationStatus())
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    """Join-token enrollment (served without TLS; see proto/fedvlm/v1/enrollment.proto)."""
+
+    def __init__(self, enroller: Enroller) -> None:
+        self.enroller = enroller
+
+    @_guarded
+    def Enroll(self, request, context):
+        result = self.enroller.enroll(request.token_id, request.csr_der, request.proof)
+        return enrollment_pb2.EnrollReply(ca_cert_pem=result.ca_cert_pem, client_cert_pem=result.client_cert_pem,
+                                          federation_id=result.federation_id, client_name=result.client_name)

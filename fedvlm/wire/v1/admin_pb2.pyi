@@ -1,0 +1,95 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClientStatus(_message.Message):
+    __slots__ = ("name", "state", "detail", "bytes_done", "bytes_total", "last_heartbeat_unix", "last_metrics", "sampled")
+    class LastMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_METRICS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    detail: str
+    bytes_done: int
+    bytes_total: int
+    last_heartbeat_unix: float
+    last_metrics: _containers.ScalarMap[str, float]
+    sampled: bool
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., last_heartbeat_unix: _Optional[float] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., sampled: _Optional[bool] = ...) -> None: ...
+
+class RoundStatus(_message.Message):
+    __slots__ = ("round", "phase", "global_digest", "num_updates", "eval_metrics", "started_unix", "finished_unix")
+    class EvalMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NUM_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    phase: str
+    global_digest: str
+    num_updates: int
+    eval_metrics: _containers.ScalarMap[str, float]
+    started_unix: float
+    finished_unix: float
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ...) -> None: ...
+
+class FederationStatus(_message.Message):
+    __slots__ = ("federation_id", "run_id", "run_state", "round", "total_rounds", "phase", "deadline_unix", "quorum", "sampled", "accepted", "clients", "rounds", "now_unix", "live")
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    NOW_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    federation_id: str
+    run_id: str
+    run_state: str
+    round: int
+    total_rounds: int
+    phase: str
+    deadline_unix: float
+    quorum: int
+    sampled: int
+    accepted: int
+    clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
+    now_unix: float
+    live: bool
+    def __init__(self, federation_id: _Optional[str] = ..., run_id: _Optional[str] = ..., run_state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., quorum: _Optional[int] = ..., sampled: _Optional[int] = ..., accepted: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., now_unix: _Optional[float] = ..., live: _Optional[bool] = ...) -> None: ...
