@@ -1,0 +1,149 @@
+"""Real processes for integration tests: a coordinator daemon, raw protocol sites, fedvlm-client processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from typer.testing import CliRunner
+
+from fedvlm import adapters
+from fedvlm.client.identity import Identity, StateDir
+from fedvlm.coordinator.cli import app as coord_app
+from fedvlm.coordinator.layout import FederationDir
+from fedvlm.coordinator.store import Store
+from fedvlm.security import signing
+from fedvlm.security.signing import UpdateManifest
+from fedvlm.wire.v1 import federation_pb2 as pb
+from fedvlm.wire.v1 import federation_pb2_grpc
+
+BIN = Path(sys.executable).parent
+
+
+def coord_cli(*args: str) -> str:
+    """Run a fedvlm-coord command in-process; raises with its output if it fails."""
+    result = CliRunner().invoke(coord_app, list(args))
+    if result.exit_code != 0:
+        raise RuntimeError(f"fedvlm-coord {' '.join(args)} failed ({result.exit_code}): {result.output}")
+    return result.output
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Coordinator:
+    """`fedvlm-coord serve` as a subprocess on ephemeral loopback ports."""
+
+    def __init__(self, root: Path, config_toml: str) -> None:
+        self.fed = FederationDir(root)
+        coord_cli("init", "--dir", str(root), "--host", "localhost,127.0.0.1", "--name", "test-fed")
+        self.fed.config.write_text(config_toml)
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "coordinator.log"
+        self.address = ""
+        self.enroll_address = ""
+
+    def start(self) -> None:
+        self.fed.address_file.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "fedvlm-coord"), "serve", "--dir", str(self.fed.root), "--listen", "127.0.0.1:0",
+                 "--enroll-listen", "127.0.0.1:0", "--log-level", "DEBUG"], stdout=log, stderr=subprocess.STDOUT)
+        info = wait_for(self._bound, 60, "the coordinator to bind its ports")
+        self.address, self.enroll_address = info["federation"], info["enrollment"]
+
+    def _bound(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"coordinator exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        if not self.fed.address_file.exists():
+            return None
+        return json.loads(self.fed.address_file.read_text())
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def token(self, name: str, ttl: str = "1h") -> str:
+        port = self.enroll_address.rsplit(":", 1)[1] if self.enroll_address else "1"
+        return coord_cli("enroll", name, "--dir", str(self.fed.root), "--ttl", ttl,
+                         "--enroll-port", port).strip().splitlines()[-1]
+
+    def store(self) -> Store:
+        return Store(self.fed.database, readonly=True)
+
+    def query(self, sql: str, args: tuple = ()) -> list:
+        store = self.store()
+        try:
+            return [dict(r) for r in store.query(sql, args)]
+        finally:
+            store.close()
+
+    def count(self, table: str) -> int:
+        return self.query(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
+
+
+class RawSite:
+    """A site speaking the wire protocol directly (real enrollment, real mTLS), for protocol tests."""
+
+    def __init__(self, coordinator: Coordinator, name: str, root: Path) -> None:
+        self.state = StateDir(root / name)
+        self.identity: Identity = self.state.enroll(coordinator.address, coordinator.token(name))
+        self.channel = self.identity.channel(coordinator.address)
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+
+    def poll(self, state: int = pb.CLIENT_STATE_IDLE) -> pb.Assignment:
+        return self.stub.Poll(pb.PollRequest(state=state), timeout=10)
+
+    def manifest(self, task: pb.Assignment, data: bytes, **overrides) -> UpdateManifest:
+        fields = dict(federation_id=self.identity.federation_id, run_id=task.run_id, round=task.round,
+                      client=self.identity.name,
+                      base_digest=task.global_version.digest if task.round else signing.INITIAL_BASE,
+                      sha256=adapters.sha256_hex(data), size=len(data), num_examples=10,
+                      nonce=signing.new_nonce(), created_at=time.time())
+        fields.update(overrides)
+        return UpdateManifest(**fields)
+
+    def send(self, manifest: UpdateManifest, data: bytes, key=None) -> pb.UploadResult:
+        signature = signing.sign(key or self.identity.key, manifest.canonical())
+        state = self.stub.StartUpload(pb.StartUploadRequest(manifest_json=manifest.to_json(), signature=signature),
+                                      timeout=10)
+        frames = [pb.UploadChunk(upload_id=state.upload_id, offset=state.offset, data=data[state.offset:])]
+        return self.stub.Upload(iter(frames), timeout=30)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return adapters.to_bytes(tensors, metadata)
+
+
+def rpc_code(fn) -> grpc.StatusCode:
+    """Call fn and return the gRPC status code it fails with (AssertionError if it succeeds)."""
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code()
+    raise AssertionError("expected the call to be refused")
+
+
+def env_for_subprocess(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env

@@ -1,0 +1,226 @@
+"""The coordinator's security and state contract, exercised over real mTLS gRPC against a real daemon process.
+
+Sites here speak the wire protocol directly (real enrollment, real certificates, hand-made adapters), so every
+refusal can be provoked precisely; each refusal must leave the accepted state unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import pytest
+import torch
+
+from fedvlm import adapters
+from fedvlm.client.identity import EnrollmentError, StateDir
+from fedvlm.security import pki
+from fedvlm.wire.v1 import federation_pb2 as pb
+from fedvlm.wire.v1 import federation_pb2_grpc
+
+from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes, wait_for
+
+CONFIG = """
+name = "test-fed"
+[run]
+rounds = 2
+min_clients = 2
+clients_per_round = 2
+quorum = 2
+round_deadline = "300s"
+poll_interval = 0.2
+heartbeat_timeout = "60s"
+max_update_mb = 0.05
+final_eval = false
+[task]
+model = "tiny-llava"
+"""
+
+
+def init_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"layer.lora_A.weight": torch.randn(4, 8, generator=g),
+            "layer.lora_B.weight": torch.randn(8, 4, generator=g)}
+
+
+def accepted_state(coord: Coordinator) -> tuple[int, int, int]:
+    return coord.count("updates"), coord.count("nonces"), coord.count("globals")
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    """A coordinator whose run is in round 1 with sites a and b sampled; site c is enrolled but never sampled."""
+    root = tmp_path_factory.mktemp("protocol")
+    coord = Coordinator(root / "coord", CONFIG)
+    coord.start()
+    sites = {name: RawSite(coord, name, root) for name in ("a", "b")}
+    first = sites["a"].poll()
+    assert first.action == pb.ACTION_INIT, first
+    metadata = {adapters.ADAPTER_CONFIG_METADATA: json.dumps({"peft_type": "LORA"})}
+    data = tensors_bytes(init_tensors(), metadata)
+    sites["a"].send(sites["a"].manifest(first, data), data)
+    wait_for(lambda: coord.count("globals") == 1, 30, "global 0")
+    task = wait_for(lambda: (t := sites["b"].poll()).action == pb.ACTION_TRAIN and t, 30, "round 1 to open")
+    assert task.round == 1
+    yield coord, sites, task, root
+    for site in sites.values():
+        site.close()
+    coord.kill()
+
+
+def test_round_one_hands_out_the_signed_initial_global(fed):
+    coord, sites, task, _ = fed
+    info = task.global_version
+    from fedvlm.client.transfer import verify_global_info
+
+    record = verify_global_info(info, sites["b"].identity.ca_cert, sites["b"].identity.federation_id, task.run_id)
+    assert record.round == 0 and record.parent_digest == ""
+    chunks = list(sites["b"].stub.FetchGlobal(pb.FetchGlobalRequest(digest=info.digest, offset=0), timeout=10))
+    data = b"".join(c.data for c in chunks)
+    assert adapters.sha256_hex(data) == info.digest
+    got = adapters.from_bytes(data)
+    assert all(torch.equal(got[k], v) for k, v in init_tensors().items())
+
+
+def test_refused_without_client_certificate(fed):
+    coord, _, _, _ = fed
+    ca = coord.fed.ca_cert.read_bytes()
+    channel = grpc.secure_channel(coord.address, grpc.ssl_channel_credentials(root_certificates=ca))
+    stub = federation_pb2_grpc.FederationStub(channel)
+    assert rpc_code(lambda: stub.Poll(pb.PollRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_refused_with_certificate_of_another_ca(fed):
+    coord, _, _, _ = fed
+    other_key, other_ca = pki.create_ca("intruder")
+    key = pki.generate_key()
+    cert = pki.issue_cert_for_key(other_key, other_ca, key.public_key(), "a", "client", 3600)
+    creds = grpc.ssl_channel_credentials(root_certificates=coord.fed.ca_cert.read_bytes(),
+                                         private_key=pki.key_to_pem(key), certificate_chain=pki.cert_to_pem(cert))
+    stub = federation_pb2_grpc.FederationStub(grpc.secure_channel(coord.address, creds))
+    assert rpc_code(lambda: stub.Poll(pb.PollRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_reused_join_token_is_refused_and_enrolls_nobody(fed):
+    coord, _, _, root = fed
+    token = coord.token("c")
+    StateDir(root / "c1").enroll(coord.address, token)
+    before = coord.query("SELECT cert_fingerprint FROM clients WHERE name='c'")
+    with pytest.raises(EnrollmentError, match="already used"):
+        StateDir(root / "c2").enroll(coord.address, token)
+    assert coord.query("SELECT cert_fingerprint FROM clients WHERE name='c'") == before
+    assert StateDir(root / "c2").load() is None
+
+
+def test_expired_join_token_is_refused(fed):
+    coord, _, _, root = fed
+    token = coord.token("d", ttl="1s")
+    time.sleep(2.1)
+    with pytest.raises(EnrollmentError, match="expired"):
+        StateDir(root / "d").enroll(coord.address, token)
+    assert coord.query("SELECT * FROM clients WHERE name='d'") == []
+
+
+@pytest.mark.parametrize("case", ["tampered", "bad-signature", "past-round", "wrong-base", "non-finite",
+                                  "wrong-keys", "wrong-shape", "wrong-dtype", "over-size", "other-client"])
+def test_bad_update_is_refused_without_state_change(fed, case):
+    coord, sites, task, _ = fed
+    site = sites["b"]
+    tensors = init_tensors(1)
+    manifest_overrides = {}
+    key = None
+    if case == "non-finite":
+        tensors["layer.lora_A.weight"][0, 0] = float("nan")
+    elif case == "wrong-keys":
+        tensors["layer.lora_C.weight"] = tensors.pop("layer.lora_A.weight")
+    elif case == "wrong-shape":
+        tensors["layer.lora_A.weight"] = torch.zeros(4, 9)
+    elif case == "wrong-dtype":
+        tensors["layer.lora_A.weight"] = tensors["layer.lora_A.weight"].half()
+    elif case == "over-size":
+        tensors["layer.lora_A.weight"] = torch.zeros(4, 8 * 1000)
+    data = tensors_bytes(tensors)
+    if case == "tampered":
+        manifest = site.manifest(task, data)
+        data = tensors_bytes(init_tensors(2))
+        assert len(data) == manifest.size
+    else:
+        if case == "past-round":
+            manifest_overrides["round"] = 0
+        elif case == "wrong-base":
+            manifest_overrides["base_digest"] = "ab" * 32
+        elif case == "bad-signature":
+            key = pki.generate_key()
+        elif case == "other-client":
+            manifest_overrides["client"] = "a"
+        manifest = site.manifest(task, data, **manifest_overrides)
+    expected = {
+        "tampered": grpc.StatusCode.INVALID_ARGUMENT, "bad-signature": grpc.StatusCode.UNAUTHENTICATED,
+        "past-round": grpc.StatusCode.FAILED_PRECONDITION, "wrong-base": grpc.StatusCode.FAILED_PRECONDITION,
+        "non-finite": grpc.StatusCode.INVALID_ARGUMENT, "wrong-keys": grpc.StatusCode.INVALID_ARGUMENT,
+        "wrong-shape": grpc.StatusCode.INVALID_ARGUMENT, "wrong-dtype": grpc.StatusCode.INVALID_ARGUMENT,
+        "over-size": grpc.StatusCode.RESOURCE_EXHAUSTED, "other-client": grpc.StatusCode.PERMISSION_DENIED,
+    }[case]
+    before = accepted_state(coord)
+    try:
+        site.send(manifest, data, key=key)
+    except grpc.RpcError as exc:
+        assert exc.code() == expected, exc.details()
+        assert exc.details()  # a human-readable reason
+    else:
+        pytest.fail(f"{case}: update was accepted")
+    assert accepted_state(coord) == before
+    assert coord.query("SELECT state FROM assignments WHERE round=1 AND client='b'") == [{"state": "assigned"}]
+    assert coord.count("uploads") == 0
+
+
+def test_unsampled_site_cannot_upload(fed):
+    coord, _, task, root = fed
+    site = RawSite(coord, "e", root)
+    data = tensors_bytes(init_tensors(3))
+    before = accepted_state(coord)
+    assert rpc_code(lambda: site.send(site.manifest(task, data), data)) == grpc.StatusCode.PERMISSION_DENIED
+    assert accepted_state(coord) == before
+    site.close()
+
+
+def test_replayed_manifest_is_refused_then_round_aggregates_fedavg(fed):
+    coord, sites, task, _ = fed
+    a_task = wait_for(lambda: (t := sites["a"].poll()).action == pb.ACTION_TRAIN and t, 10, "a's assignment")
+    upd_a, upd_b = init_tensors(10), init_tensors(11)
+    data_a = tensors_bytes(upd_a)
+    manifest_a = sites["a"].manifest(a_task, data_a, num_examples=30)
+    assert sites["a"].send(manifest_a, data_a).digest == adapters.sha256_hex(data_a)
+    before = accepted_state(coord)
+    assert rpc_code(lambda: sites["a"].send(manifest_a, data_a)) == grpc.StatusCode.ALREADY_EXISTS
+    assert accepted_state(coord) == before
+    data_b = tensors_bytes(upd_b)
+    sites["b"].send(sites["b"].manifest(task, data_b, num_examples=10), data_b)
+    wait_for(lambda: coord.count("globals") == 2, 30, "global 1")
+    row = coord.query("SELECT digest FROM globals WHERE round=1")[0]
+    merged = adapters.from_bytes(coord.fed.blobs.joinpath(row["digest"][:2], row["digest"]).read_bytes())
+    for name in upd_a:
+        assert torch.allclose(merged[name], (30 * upd_a[name] + 10 * upd_b[name]) / 40)
+    # The late-comer rule: the round is closed, so a second update for round 1 is refused.
+    data = tensors_bytes(init_tensors(12))
+    assert rpc_code(lambda: sites["b"].send(sites["b"].manifest(task, data), data)) in (
+        grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS)
+    assert "audit log OK" in coord_cli("audit", "verify", "--dir", str(coord.fed.root))
+
+
+def test_audit_verify_detects_a_rewritten_global(fed, tmp_path):
+    coord, _, _, _ = fed
+    import shutil
+    import sqlite3
+
+    copy = tmp_path / "copy"
+    shutil.copytree(coord.fed.root, copy, ignore=shutil.ignore_patterns("*.part"))
+    db = sqlite3.connect(copy / "state.db")
+    entry = db.execute("SELECT seq, entry_json FROM audit WHERE entry_json LIKE '%\"global\"%' LIMIT 1").fetchone()
+    forged = entry[1].replace('"kind":"global"', '"kind":"global","forged":1')
+    db.execute("UPDATE audit SET entry_json=? WHERE seq=?", (forged, entry[0]))
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="altered"):
+        coord_cli("audit", "verify", "--dir", str(copy))
