@@ -17,6 +17,7 @@ from fedvlm.logs import setup_logging
 from fedvlm.security import pki
 from fedvlm.security.tokens import TokenError, parse_duration
 from fedvlm.spec import SpecError
+from fedvlm.status_view import client_table, render, rounds_table, view
 
 from .audit import AuditError, verify_audit
 from .blobs import BlobStore
@@ -24,7 +25,7 @@ from .config import DEFAULT_TOML
 from .enrollment import Enroller, check_site_name
 from .export import ExportError, export_global
 from .layout import FederationDir
-from .status import client_table, render, rounds_table, snapshot
+from .status import snapshot
 from .store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -180,13 +181,10 @@ def status(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = C
     if watch <= 0:
         render(_status_dict(dir, coordinator, cert, key, ca), console)
         return
-    from rich.console import Group
-
     with Live(console=console, refresh_per_second=4) as live:
         try:
             while True:
-                s = _status_dict(dir, coordinator, cert, key, ca)
-                live.update(Group(client_table(s), rounds_table(s)))
+                live.update(view(_status_dict(dir, coordinator, cert, key, ca)))
                 time.sleep(watch)
         except KeyboardInterrupt:
             pass

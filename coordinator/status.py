@@ -1,7 +1,7 @@
-"""What `fedvlm-coord status` shows: a snapshot of the state database, as plain data and as rich tables.
+"""What `fedvlm-coord status` shows: a snapshot of the state database as plain data.
 
 The snapshot's keys are the field names of fedvlm.v1.FederationStatus, so the same dict is served by the Admin
-RPC (live coordinator) and read straight from state.db (coordinator stopped).
+RPC (live coordinator) and read straight from state.db (coordinator stopped); fedvlm.status_view renders it.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-
-from rich.console import Console, Group
-from rich.table import Table
 
 from .store import Store
 
@@ -81,47 +78,3 @@ def _rounds(store: Store, run_id: str) -> list[dict[str, Any]]:
                      "eval_metrics": weighted_metrics(evals.get(g["round"], [])),
                      "started_unix": rnd.started_at if rnd else g["created_at"], "finished_unix": g["created_at"]})
     return rows
-
-
-def render(status: dict[str, Any], console: Console) -> None:
-    """Print the snapshot as a header line, a client table and a rounds table."""
-    now = status.get("now_unix", time.time())
-    if not status.get("run_id"):
-        console.print(f"federation {status.get('federation_id', '')}: no run yet")
-        return
-    deadline = status.get("deadline_unix") or 0
-    left = f", deadline in {deadline - now:.0f}s" if deadline and deadline > now else ""
-    source = "live" if status.get("live") else "from state.db"
-    console.print(
-        f"[bold]run {status['run_id']}[/] ({status.get('run_state', '')}, {source}): round "
-        f"{status.get('round', 0)} of {status.get('total_rounds', 0)}, phase {status.get('phase', '-')}{left}, "
-        f"updates {status.get('accepted', 0)}/{status.get('sampled', 0)} (quorum {status.get('quorum', 0)})")
-    console.print(Group(client_table(status), rounds_table(status)))
-
-
-def client_table(status: dict[str, Any]) -> Table:
-    now = status.get("now_unix", time.time())
-    table = Table(title="clients")
-    for col in ("client", "state", "transfer", "last heartbeat", "last metrics"):
-        table.add_column(col)
-    for c in status.get("clients", []):
-        total = int(c.get("bytes_total", 0))
-        transfer = f"{int(c.get('bytes_done', 0)) / 2**20:.1f}/{total / 2**20:.1f} MiB" if total else ""
-        beat = c.get("last_heartbeat_unix") or 0
-        metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(c.get("last_metrics", {}).items()))
-        state = c.get("state", "") + ("*" if c.get("sampled") else "")
-        table.add_row(c["name"], state, transfer, f"{now - beat:.0f}s ago" if beat else "never", metrics)
-    table.caption = "* sampled in the current round"
-    return table
-
-
-def rounds_table(status: dict[str, Any]) -> Table:
-    table = Table(title="global versions")
-    for col in ("round", "global", "updates", "accuracy", "eval examples"):
-        table.add_column(col, justify="right")
-    for r in status.get("rounds", []):
-        m = r.get("eval_metrics", {})
-        acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
-        table.add_row(str(r.get("round", 0)), r.get("global_digest", "")[:12], str(r.get("num_updates", 0)), acc,
-                      str(int(m.get("num_examples", 0))) if m else "-")
-    return table
