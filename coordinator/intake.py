@@ -28,8 +28,10 @@ from .store import Run, Store
 
 log = logging.getLogger(__name__)
 
-# Received bytes are made durable (fsync + offset committed) at least this often; a resume restarts from there.
+# Received bytes are made durable (fsync + offset committed) every CHECKPOINT_BYTES or CHECKPOINT_SECONDS,
+# whichever comes first, and when a stream ends however it ends; a resume restarts from the last checkpoint.
 CHECKPOINT_BYTES = 8 << 20
+CHECKPOINT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Intake:
         part = self.part_path(upload_id)
         position = committed
         pending = 0
+        last = time.monotonic()
         with open(part, "ab+") as fh:
             fh.truncate(committed)  # anything past the committed offset was never acknowledged
             fh.seek(committed)
@@ -167,9 +170,9 @@ class Intake:
                     fh.write(data)
                     position += len(data)
                     pending += len(data)
-                    if pending >= CHECKPOINT_BYTES:
+                    if pending >= CHECKPOINT_BYTES or time.monotonic() - last >= CHECKPOINT_SECONDS:
                         committed = self._checkpoint(fh, upload_id, position)
-                        pending = 0
+                        pending, last = 0, time.monotonic()
                     frame = next(frames, None)
             finally:
                 if position != committed:

@@ -58,11 +58,14 @@ class Coordinator:
         self.enroll_address = ""
 
     def start(self) -> None:
+        """Start the daemon; a restart binds the same ports again, as a real restarted daemon would."""
         self.fed.address_file.unlink(missing_ok=True)
+        listen = self.address or "127.0.0.1:0"
+        enroll_listen = self.enroll_address or "127.0.0.1:0"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "fedvlm-coord"), "serve", "--dir", str(self.fed.root), "--listen", "127.0.0.1:0",
-                 "--enroll-listen", "127.0.0.1:0", "--log-level", "DEBUG"], stdout=log, stderr=subprocess.STDOUT)
+                [str(BIN / "fedvlm-coord"), "serve", "--dir", str(self.fed.root), "--listen", listen,
+                 "--enroll-listen", enroll_listen, "--log-level", "DEBUG"], stdout=log, stderr=subprocess.STDOUT)
         info = wait_for(self._bound, 60, "the coordinator to bind its ports")
         self.address, self.enroll_address = info["federation"], info["enrollment"]
 
