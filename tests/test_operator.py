@@ -1,0 +1,135 @@
+"""What an operator does with `fedvlm-coord`, against a real daemon: health, reflection, remote status, revoke,
+and the clear one-line errors of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from typer.testing import CliRunner
+
+from fedvlm.coordinator.cli import app as coord_app
+from fedvlm.coordinator.config import FederationConfig
+from fedvlm.spec import SpecError
+from fedvlm.wire.credentials import mtls_channel
+from fedvlm.wire.v1 import admin_pb2, admin_pb2_grpc
+from fedvlm.wire.v1 import federation_pb2 as pb
+
+from .harness import Coordinator, RawSite, coord_cli, rpc_code
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = """
+name = "ops"
+[run]
+rounds = 1
+min_clients = 2
+clients_per_round = 2
+quorum = 2
+poll_interval = 0.2
+heartbeat_timeout = "60s"
+"""
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ops")
+    coord = Coordinator(root / "coord", CONFIG)
+    coord.start()
+    site = RawSite(coord, "alpha", root)
+    site.poll(pb.CLIENT_STATE_IDLE)
+    yield coord, site, root
+    site.close()
+    coord.kill()
+
+
+def admin_channel(coord: Coordinator) -> grpc.Channel:
+    pki = coord.fed.pki
+    return mtls_channel(coord.address, (pki / "admin.key").read_bytes(), (pki / "admin.pem").read_bytes(),
+                        (pki / "ca.pem").read_bytes())
+
+
+def test_generated_stubs_match_the_proto_files():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_proto.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_health_and_reflection_on_both_ports(ops):
+    coord, _, _ = ops
+    with admin_channel(coord) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "fedvlm.v1.Federation", "fedvlm.v1.Admin"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = {s.name for s in next(stream).list_services_response.service}
+        assert {"fedvlm.v1.Federation", "fedvlm.v1.Admin", "grpc.health.v1.Health"} <= names
+    with grpc.insecure_channel(coord.enroll_address) as channel:  # probes need no certificate here
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="fedvlm.v1.Enrollment"), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_remote_status_needs_the_admin_certificate(ops):
+    coord, site, _ = ops
+    out = coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root), "--json")
+    assert '"live": true' in out and '"alpha"' in out
+    table = coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root))
+    assert "alpha" in table and "round 0 of 1" in table
+    admin_as_site = admin_pb2_grpc.AdminStub(site.channel)
+    assert rpc_code(lambda: admin_as_site.GetStatus(admin_pb2.StatusRequest(), timeout=5)) == \
+        grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_revoked_site_is_refused_at_its_next_call(ops):
+    coord, _, root = ops
+    site = RawSite(coord, "beta", root)
+    assert site.poll().action in (pb.ACTION_WAIT, pb.ACTION_INIT)
+    assert "revoked beta" in coord_cli("revoke", "beta", "--dir", str(coord.fed.root))
+    assert rpc_code(lambda: site.poll()) == grpc.StatusCode.PERMISSION_DENIED
+    status = coord_cli("clients", "--dir", str(coord.fed.root), "--json")
+    assert '"state": "revoked"' in status
+    site.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["enroll", "Bad Name!"], "invalid site name"),
+    (["enroll", "admin"], "reserved"),
+    (["enroll", "gamma", "--ttl", "soon"], "duration"),
+    (["revoke", "nobody"], "no enrolled site"),
+    (["export", "--round", "9", "--out", "{tmp}/x"], "no global version for round 9"),
+])
+def test_bad_operator_input_gets_a_one_line_error(ops, tmp_path, args, message):
+    coord, _, _ = ops
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--dir", str(coord.fed.root)]
+    result = CliRunner().invoke(coord_app, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_refuses_to_overwrite_a_federation(ops):
+    coord, _, _ = ops
+    result = CliRunner().invoke(coord_app, ["init", "--dir", str(coord.fed.root)])
+    assert result.exit_code == 1 and "refusing to overwrite" in result.output
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ("[run]\nrounds = 0\n", "run.rounds"),
+    ("[run]\nquorum = 5\nclients_per_round = 2\nmin_clients = 2\n", "run.quorum"),
+    ("[run]\nround_deadline = \"soon\"\n", "run.round_deadline"),
+    ("[run]\nroundz = 3\n", "run.roundz"),
+    ("[task]\nstrategy = \"F-X\"\n", "task.strategy"),
+    ("[task.train]\nlr = \"fast\"\n", "task.train.lr"),
+])
+def test_config_errors_name_the_bad_key(tmp_path, toml, key):
+    path = tmp_path / "federation.toml"
+    path.write_text(toml)
+    with pytest.raises(SpecError, match=key.replace(".", r"\.")):
+        FederationConfig.load(path)
