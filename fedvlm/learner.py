@@ -1,0 +1,210 @@
+"""The ML facade a client process calls: base model + strategy + site data, train a round, evaluate, and move
+adapter weights in and out as named tensors.
+
+Adapter tensors are named exactly as in a PEFT ``adapter_model.safetensors`` (``peft.get_peft_model_state_dict``
+keys), so ``adapter_state()`` saved with ``safetensors`` next to ``adapter_config()`` as JSON is a directory that
+``peft.PeftModel.from_pretrained(base, dir)`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fedvlm.data.llava_json import Example, load_llava_json
+from fedvlm.spec import TaskSpec
+from fedvlm.tasks import get_task
+from fedvlm.train import TrainResult, generate_answers, train_local
+from fedvlm.vlm.loading import load_base, resolve_device
+from fedvlm.vlm.strategy import apply_strategy
+
+logger = logging.getLogger(__name__)
+
+THREADS_ENV = "FEDVLM_NUM_THREADS"
+SPLIT_FILES = {"train": "train.json", "test": "test.json"}
+
+__all__ = ["Learner", "TrainResult"]
+
+
+def configure_threads() -> None:
+    """Apply ``$FEDVLM_NUM_THREADS`` to ``torch.set_num_threads`` when set (several clients may share a host)."""
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}") from None
+        if threads < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
+        torch.set_num_threads(threads)
+
+
+class Learner:
+    """One site's model and data for a task spec.
+
+    Guarantees: two Learners built from the same spec (on any site) start from identical base weights and
+    identical adapters; only the strategy's parameters (LoRA on the language model and/or the connector) are
+    trainable; the vision tower is frozen.
+    """
+
+    def __init__(
+        self, spec: TaskSpec, data_dir: Path | None, device: str = "cpu", cache_dir: Path | None = None
+    ) -> None:
+        configure_threads()
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.task = get_task(spec.task_type)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        # Data first: a bad dataset should fail before minutes of model loading on a real model.
+        self._examples = {split: self._load_split(split) for split in SPLIT_FILES}
+        self._data_digest = self._digest_train_file()
+        base, self.processor = load_base(spec.model, cache_dir=cache_dir, device=self.device)
+        self.base_model_path = str(base.name_or_path)
+        self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed)
+        self.model.to(self.device)
+        self._schema = {k: (tuple(v.shape), v.dtype) for k, v in self._peft_state().items()}
+        logger.info(
+            "learner ready: model=%s strategy=%s train=%d test=%d adapter tensors=%d",
+            spec.model, spec.strategy, self.num_train_examples, self.num_test_examples, len(self._schema),
+        )
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    def _load_split(self, split: str) -> list[Example]:
+        if self.data_dir is None:
+            return []
+        path = self.data_dir / SPLIT_FILES[split]
+        if split == "test" and not path.exists():
+            return []
+        return load_llava_json(path)
+
+    def _digest_train_file(self) -> str:
+        if self.data_dir is None or not (self.data_dir / "train.json").exists():
+            return ""
+        return hashlib.sha256((self.data_dir / "train.json").read_bytes()).hexdigest()
+
+    @property
+    def num_train_examples(self) -> int:
+        """Examples in ``train.json`` (0 without data)."""
+        return len(self._examples["train"])
+
+    @property
+    def num_test_examples(self) -> int:
+        """Examples in ``test.json`` (0 if absent)."""
+        return len(self._examples["test"])
+
+    def base_model_digest(self) -> str:
+        """SHA-256 over the base model's ``*.safetensors`` files (sorted by name), or ``""`` if the base is not a
+        local directory. Equal digests on two sites mean byte-identical base weights."""
+        directory = Path(self.base_model_path)
+        if not directory.is_dir():
+            return ""
+        digest = hashlib.sha256()
+        for path in sorted(directory.glob("*.safetensors")):
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    # ---- adapter tensors --------------------------------------------------------------------------------------
+    def _peft_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, keyed as in a PEFT ``adapter_model.safetensors``: CPU, float32, contiguous
+        copies (mutating them never touches the model)."""
+        return {
+            k: v.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+            for k, v in self._peft_state().items()
+        }
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the trainable tensors from ``tensors``; the key set and every shape must match ``adapter_state()``
+        exactly, else ``ValueError`` naming the missing, unexpected and mis-shaped keys (nothing is changed)."""
+        from peft import set_peft_model_state_dict
+
+        missing = sorted(set(self._schema) - set(tensors))
+        unexpected = sorted(set(tensors) - set(self._schema))
+        bad_shape = sorted(
+            f"{k} {tuple(tensors[k].shape)} != {self._schema[k][0]}"
+            for k in set(tensors) & set(self._schema)
+            if tuple(tensors[k].shape) != self._schema[k][0]
+        )
+        not_float = sorted(k for k, v in tensors.items() if not torch.is_floating_point(v))
+        problems = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape),
+                             ("not floating point", not_float)):
+            if names:
+                problems.append(f"{label}: {', '.join(names[:10])}" + (" ..." if len(names) > 10 else ""))
+        if problems:
+            raise ValueError("adapter tensors do not match this model's adapter: " + "; ".join(problems))
+        converted = {k: v.to(device=self.device, dtype=self._schema[k][1]) for k, v in tensors.items()}
+        result = set_peft_model_state_dict(self.model, converted)
+        leftover = [k for k in getattr(result, "unexpected_keys", []) if k.startswith("base_model.")]
+        if leftover:  # pragma: no cover - guarded by the schema check
+            raise ValueError(f"PEFT did not place adapter tensors: {', '.join(leftover[:10])}")
+
+    def adapter_config(self) -> dict:
+        """The ``adapter_config.json`` content ``PeftModel.save_pretrained`` writes for this model
+        (``inference_mode`` true, ``base_model_name_or_path`` = the local base model directory or hub id)."""
+        config = copy.deepcopy(self.model.peft_config["default"])
+        config.inference_mode = True
+        config.base_model_name_or_path = self.base_model_path
+        auto_mapping = None
+        if config.task_type is None:  # what PeftModel.save_pretrained records for a task-less adapter
+            base = self.model.get_base_model()
+            auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+        with tempfile.TemporaryDirectory() as tmp:
+            config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
+            return json.loads((Path(tmp) / "adapter_config.json").read_text())
+
+    # ---- train / evaluate -------------------------------------------------------------------------------------
+    def _round_seed(self, round_index: int) -> int:
+        key = f"{self.spec.seed}:{round_index}:{self._data_digest}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & ((1 << 63) - 1)
+
+    def train_round(self, round_index: int, progress: Callable[[int, int], None] | None = None) -> TrainResult:
+        """Train the adapter in place for one round (``spec.train``) on ``train.json``.
+
+        Reproducible: the shuffle and dropout are seeded by (spec.seed, round_index, digest of train.json).
+        A fresh optimizer every round. ``ValueError`` if the site has no training data.
+        """
+        if not self._examples["train"]:
+            raise ValueError("no training examples (Learner was built without data_dir or train.json is empty)")
+        return train_local(self.model, self.processor, self._examples["train"], self.spec.train,
+                           seed=self._round_seed(round_index), progress=progress)
+
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Greedy generation (at most ``spec.train.max_new_tokens`` new tokens) on ``split``, parsed and scored by
+        the task: ``{"accuracy": fraction in [0, 1], "num_examples": n}``. ``ValueError`` if the split is empty."""
+        if split not in SPLIT_FILES:
+            raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLIT_FILES)})")
+        examples = self._examples[split]
+        if not examples:
+            raise ValueError(f"no {split} examples ({SPLIT_FILES[split]} missing or empty under {self.data_dir})")
+        return self._score(examples, split)
+
+    def evaluate_json(self, path: Path) -> dict[str, float]:
+        """Like ``evaluate`` but on any LLaVA JSON file (e.g. a global held-out set such as digits' ``test.json``);
+        the file is validated like site data (``DataError`` on bad records)."""
+        examples = load_llava_json(Path(path))
+        if not examples:
+            raise ValueError(f"no examples in {path}")
+        return self._score(examples, str(path))
+
+    def _score(self, examples: list[Example], label: str) -> dict[str, float]:
+        train = self.spec.train
+        answers = generate_answers(self.model, self.processor, examples, train.eval_batch_size, train.max_new_tokens)
+        metrics = self.task.score(answers, [ex.answer for ex in examples])
+        logger.info("evaluate %s: %s (first answers %s)", label, metrics, answers[:3])
+        return metrics
