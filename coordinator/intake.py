@@ -219,7 +219,14 @@ class Intake:
     def _check_tensors(self, part: Path, run: Run) -> None:
         try:
             if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
-                adapters.check_schema(adapters.read_file_schema(part), adapters.schema_from_json(run.schema_json))
+                schema = adapters.read_file_schema(part)
+                # An update may carry a subset of the global's tensors (e.g. one stage of F-2stage), but every
+                # update of a round must carry the same subset, so that they can be averaged.
+                adapters.check_schema(schema, adapters.schema_from_json(run.schema_json), allow_subset=True)
+                peer = self.store.one("SELECT digest FROM updates WHERE run_id=? AND round=? LIMIT 1",
+                                      (run.run_id, run.round))
+                if peer is not None:
+                    adapters.check_schema(schema, adapters.read_file_schema(self.blobs.path(peer["digest"])))
             for name, tensor in adapters.iter_file_tensors(part):
                 adapters.check_finite({name: tensor})
         except AdapterError as exc:

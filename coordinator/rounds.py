@@ -167,7 +167,8 @@ class RoundDriver:
     def _aggregate(self, run: Run, base_digest: str, accepted: list[str]) -> None:
         rows = self.store.accepted_updates(run.run_id, run.round)
         streams = ((row["num_examples"], adapters.iter_file_tensors(self.blobs.path(row["digest"]))) for row in rows)
-        merged = fedavg(streams)
+        merged = dict(adapters.iter_file_tensors(self.blobs.path(base_digest)))
+        merged.update(fedavg(streams))  # tensors no update carries (a frozen stage) keep the base's values
         metadata = {adapters.ADAPTER_CONFIG_METADATA: run.adapter_config} if run.adapter_config else None
         digest = self.blobs.put_bytes(adapters.to_bytes(merged, metadata))
         last = run.round == self.config.run.rounds

@@ -297,13 +297,16 @@ def _listing(items: list[str]) -> str:
     return shown + (f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
 
 
-def check_schema(actual: Schema, expected: Schema) -> None:
-    """Return None iff ``actual`` has exactly the keys, shapes and dtypes of ``expected``.
+def check_schema(actual: Schema, expected: Schema, allow_subset: bool = False) -> None:
+    """Return None iff ``actual`` has exactly the keys, shapes and dtypes of ``expected`` (with ``allow_subset``:
+    a non-empty subset of its keys, each with the expected shape and dtype).
 
     Otherwise raise :class:`AdapterError` whose message lists (the first few of) the missing keys, the
     unexpected keys, the shape mismatches and the dtype mismatches, each with its key name.
     """
-    missing = sorted(expected.keys() - actual.keys())
+    if allow_subset and not actual:
+        raise AdapterError("adapter schema mismatch: the update holds no tensor")
+    missing = [] if allow_subset else sorted(expected.keys() - actual.keys())
     unexpected = sorted(actual.keys() - expected.keys())
     shapes, dtypes = [], []
     for name in sorted(expected.keys() & actual.keys()):

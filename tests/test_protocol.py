@@ -224,3 +224,27 @@ def test_audit_verify_detects_a_rewritten_global(fed, tmp_path):
     db.close()
     with pytest.raises(RuntimeError, match="altered"):
         coord_cli("audit", "verify", "--dir", str(copy))
+
+
+def test_partial_updates_average_their_tensors_and_carry_the_rest(fed):
+    """Round 2: updates may hold a subset of the global's tensors (one F-2stage stage), the same subset each."""
+    coord, sites, _, _ = fed
+    tasks = {n: wait_for(lambda n=n: (t := sites[n].poll()).action == pb.ACTION_TRAIN and t.round == 2 and t,
+                         30, f"{n}'s round-2 assignment") for n in ("a", "b")}
+    base = adapters.from_bytes(b"".join(c.data for c in sites["a"].stub.FetchGlobal(
+        pb.FetchGlobalRequest(digest=tasks["a"].global_version.digest), timeout=10)))
+    only_a = {"layer.lora_A.weight": torch.full((4, 8), 1.0)}
+    data = tensors_bytes(only_a)
+    sites["a"].send(sites["a"].manifest(tasks["a"], data), data)
+    other_subset = tensors_bytes({"layer.lora_B.weight": torch.zeros(8, 4)})
+    before = accepted_state(coord)
+    assert rpc_code(lambda: sites["b"].send(sites["b"].manifest(tasks["b"], other_subset), other_subset)) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert accepted_state(coord) == before
+    data = tensors_bytes({"layer.lora_A.weight": torch.full((4, 8), 3.0)})
+    sites["b"].send(sites["b"].manifest(tasks["b"], data), data)
+    wait_for(lambda: coord.count("globals") == 3, 30, "global 2")
+    digest = coord.query("SELECT digest FROM globals WHERE round=2")[0]["digest"]
+    merged = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+    assert torch.equal(merged["layer.lora_A.weight"], torch.full((4, 8), 2.0))
+    assert torch.equal(merged["layer.lora_B.weight"], base["layer.lora_B.weight"])
