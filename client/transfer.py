@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from fedvlm.atomic import write_bytes_atomic
 from fedvlm.security import pki, signing
 from fedvlm.security.signing import GlobalRecord, SignatureError, UpdateManifest
 from fedvlm.wire.chunks import CHUNK_SIZE, iter_file_chunks
@@ -103,11 +104,9 @@ class Outbox:
         slot = self.folder / f"{manifest.run_id}-r{manifest.round}"
         slot.mkdir(parents=True, exist_ok=True)
         payload = slot / "update.safetensors"
-        for path, content in ((payload, data), (slot / "manifest.json", json.dumps(
-                {"manifest": manifest.to_json(), "signature": signature.hex()}).encode())):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(content)
-            os.replace(tmp, path)
+        write_bytes_atomic(payload, data)  # the payload first: a manifest.json never points at a torn payload
+        write_bytes_atomic(slot / "manifest.json", json.dumps(
+            {"manifest": manifest.to_json(), "signature": signature.hex()}).encode())
         return PendingUpload(manifest, signature, payload)
 
     def get(self, run_id: str, round_: int) -> PendingUpload | None:

@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from fedvlm.atomic import fsync_dir, write_bytes_atomic
+
 
 class BlobStore:
     """Immutable files under `root/<2 hex>/<sha256>`; a present file always holds exactly its digest's bytes."""
@@ -28,13 +30,7 @@ class BlobStore:
         target = self.path(digest)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{digest}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            write_bytes_atomic(target, data)
         return digest
 
     def adopt(self, src: Path, digest: str) -> Path:
@@ -42,7 +38,7 @@ class BlobStore:
         target = self.path(digest)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def read(self, digest: str) -> bytes:
@@ -57,10 +53,3 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fedvlm.atomic import write_bytes_atomic
 from fedvlm.security import pki
 from fedvlm.wire.credentials import SERVER_OPTIONS, mtls_server_credentials
 from fedvlm.wire.v1 import (
@@ -102,10 +103,8 @@ class Coordinator:
                                                name="round-driver")
         self._driver_thread.start()
         bound = Bound(_with_port(self.listen, main_port), _with_port(self.enroll_listen, enroll_port))
-        tmp = self.fed.address_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"federation": bound.federation, "enrollment": bound.enrollment,
-                                   "pid": os.getpid()}))
-        os.replace(tmp, self.fed.address_file)
+        write_bytes_atomic(self.fed.address_file, json.dumps(
+            {"federation": bound.federation, "enrollment": bound.enrollment, "pid": os.getpid()}).encode())
         log.info("serving federation on %s (mTLS), enrollment on %s", bound.federation, bound.enrollment)
         return bound
 

@@ -7,13 +7,11 @@ Safetensors only: no pickle anywhere. Bytes received from a peer should go throu
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
-from safetensors.torch import save_file as _st_save_file
+
+from fedvlm.atomic import write_bytes_atomic
 
 __all__ = [
     "AdapterError",
@@ -373,25 +372,4 @@ def save_file_atomic(
 
     Readers see either the previous file or the complete new one. Same bytes as :func:`to_bytes`; mode 0644.
     """
-    path = Path(path)
-    prepared = _prepare(tensors)
-    meta = _check_metadata(metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _st_save_file(prepared, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, ValueError | RuntimeError | TypeError) and not isinstance(exc, AdapterError):
-            raise AdapterError(f"cannot save adapter to {path}: {exc}") from exc
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_bytes_atomic(Path(path), to_bytes(tensors, metadata), 0o644)

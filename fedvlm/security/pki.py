@@ -11,12 +11,9 @@ and replaced by the name the caller vouches for (the one bound to the join token
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedvlm.atomic import write_bytes_atomic
 
 __all__ = [
     "CLIENT_ROLE",
@@ -439,27 +438,6 @@ def load_key_pem(data: bytes) -> ec.EllipticCurvePrivateKey:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # set explicitly: independent of the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically with mode 0600.
 
@@ -467,12 +445,12 @@ def write_private(path: Path, data: bytes) -> None:
     are fsynced, then renamed over ``path``; the directory is fsynced too. Readers see the old or the new
     content, never a mix.
     """
-    _write_atomic(path, data, 0o600)
+    write_bytes_atomic(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename) with mode 0644."""
-    _write_atomic(path, data, 0o644)
+    write_bytes_atomic(path, data, 0o644)
 
 
 # ----------------------------------------------------------------------------------------------- gRPC peers
