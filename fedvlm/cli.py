@@ -28,6 +28,7 @@ def demo(workdir: Path = typer.Option(Path("demo-output"), "--workdir", help="Wh
     except DemoError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         raise typer.Exit(1) from exc
+    console.print()
     console.print(accuracy_table(result.rounds))
     console.print(f"exported adapter (PEFT): {result.adapter_dir}")
     console.print(f"logs: {workdir / 'logs'}; coordinator state: {workdir / 'coordinator'}")
