@@ -48,11 +48,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 class Coordinator:
     """`fedvlm-coord serve` as a subprocess on ephemeral loopback ports."""
 
-    def __init__(self, root: Path, config_toml: str) -> None:
+    def __init__(self, root: Path, config_toml: str, extra_args: tuple[str, ...] = ()) -> None:
         self.fed = FederationDir(root)
         coord_cli("init", "--dir", str(root), "--host", "localhost,127.0.0.1", "--name", "test-fed")
         self.fed.config.write_text(config_toml)
         self.proc: subprocess.Popen | None = None
+        self.extra_args = extra_args
         self.log = root / "coordinator.log"
         self.address = ""
         self.enroll_address = ""
@@ -65,7 +66,8 @@ class Coordinator:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(BIN / "fedvlm-coord"), "serve", "--dir", str(self.fed.root), "--listen", listen,
-                 "--enroll-listen", enroll_listen, "--log-level", "DEBUG"], stdout=log, stderr=subprocess.STDOUT)
+                 "--enroll-listen", enroll_listen, "--log-level", "DEBUG", *self.extra_args],
+                stdout=log, stderr=subprocess.STDOUT)
         info = wait_for(self._bound, 60, "the coordinator to bind its ports")
         self.address, self.enroll_address = info["federation"], info["enrollment"]
 

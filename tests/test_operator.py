@@ -3,8 +3,10 @@ and the clear one-line errors of bad input."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -35,10 +37,19 @@ heartbeat_timeout = "60s"
 """
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory):
     root = tmp_path_factory.mktemp("ops")
-    coord = Coordinator(root / "coord", CONFIG)
+    coord = Coordinator(root / "coord", CONFIG, ("--metrics-listen", f"127.0.0.1:{METRICS_PORT}"))
     coord.start()
     site = RawSite(coord, "alpha", root)
     site.poll(pb.CLIENT_STATE_IDLE)
@@ -85,6 +96,13 @@ def test_remote_status_needs_the_admin_certificate(ops):
     admin_as_site = admin_pb2_grpc.AdminStub(site.channel)
     assert rpc_code(lambda: admin_as_site.GetStatus(admin_pb2.StatusRequest(), timeout=5)) == \
         grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_prometheus_metrics_show_the_run_and_the_sites(ops):
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    assert "fedvlm_rounds_total 1.0" in text
+    assert 'fedvlm_client_state{client="alpha",state="idle"} 1.0' in text
 
 
 def test_revoked_site_is_refused_at_its_next_call(ops):
