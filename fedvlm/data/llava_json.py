@@ -5,14 +5,19 @@ A record looks like::
     {"id": "x1", "image": "images/x1.png",
      "conversations": [{"from": "human", "value": "<image>\\nWhat digit is shown?"}, {"from": "gpt", "value": "7"}]}
 
-Image paths are relative to the JSON file's folder and must stay inside it. Everything is checked once, at load,
-and a bad record raises ``DataError`` naming the file, the record (index and id) and the field.
+Image paths are relative to an image root and must stay inside it: the JSON file's folder by default, or the
+``image_root`` given to ``load_llava_json`` (the FedVLMBench release root, see ``fedvlm.data.sources``).
+Every human/assistant pair of a multi-turn conversation becomes a turn (all of them are trained on; evaluation asks
+the first one). An optional ``task`` field (one of ``fedvlm.tasks.TASKS``) names the record's task in multi-task data.
+Everything is checked once, at load, and a bad record raises ``DataError`` naming the file, the record (index and
+id) and the field.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -35,13 +40,25 @@ class Example:
     image: Path
     question: str  # the human turn without the ``<image>`` placeholder
     answer: str  # the first assistant turn after it
+    # Every (human, assistant) pair in order, the first being (question, answer); () means just that one.
+    turns: tuple[tuple[str, str], ...] = ()
+    task: str | None = None  # the record's ``task`` field, if any
+
+    @property
+    def exchanges(self) -> tuple[tuple[str, str], ...]:
+        """All (question, answer) pairs of the conversation, in order (at least the first)."""
+        return self.turns or ((self.question, self.answer),)
 
 
-def load_llava_json(path: Path, check_images: bool = True) -> list[Example]:
+def load_llava_json(
+    path: Path, check_images: bool = True, image_root: Path | Sequence[Path] | None = None
+) -> list[Example]:
     """Load and validate ``path``; with ``check_images`` every image is opened and verified with Pillow.
 
-    Guarantees: every returned example's image exists inside ``path``'s folder (no ``..``, no absolute path,
-    no symlink escape) and, if checked, decodes; question and answer are non-empty strings.
+    Guarantees: every returned example's image exists inside the image root (``path``'s folder unless
+    ``image_root`` is given; a sequence of roots is tried in order and the first holding the file wins; no ``..``,
+    no absolute path, no symlink escape) and, if checked, decodes; every
+    question and answer is a non-empty string; ``task``, when present, is a known task type.
     Raises ``DataError`` on the first problem.
     """
     path = Path(path)
@@ -53,13 +70,18 @@ def load_llava_json(path: Path, check_images: bool = True) -> list[Example]:
         raise DataError(f"{path}: not readable JSON ({exc})") from None
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
-    root = path.parent.resolve()
-    examples = [_parse_record(path, root, index, record, check_images) for index, record in enumerate(raw)]
+    if image_root is None:
+        roots = (path.parent.resolve(),)
+    elif isinstance(image_root, (str, Path)):
+        roots = (Path(image_root).resolve(),)
+    else:
+        roots = tuple(Path(r).resolve() for r in image_root)
+    examples = [_parse_record(path, roots, index, record, check_images) for index, record in enumerate(raw)]
     logger.debug("loaded %d examples from %s", len(examples), path)
     return examples
 
 
-def _parse_record(path: Path, root: Path, index: int, record: object, check_images: bool) -> Example:
+def _parse_record(path: Path, roots: tuple[Path, ...], index: int, record: object, check_images: bool) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{path}: record {index}: expected an object, got {type(record).__name__}")
     record_id = str(record.get("id", index))
@@ -68,26 +90,36 @@ def _parse_record(path: Path, root: Path, index: int, record: object, check_imag
     image_field = record.get("image")
     if not isinstance(image_field, str) or not image_field.strip():
         raise DataError(f"{where}: field 'image': missing or not a non-empty string")
-    image = _resolve_image(where, root, image_field)
+    image = _resolve_image(where, roots, image_field)
     if check_images:
         _verify_image(where, image_field, image)
 
-    question, answer = _first_exchange(where, record.get("conversations"))
-    return Example(id=record_id, image=image, question=question, answer=answer)
+    turns = _exchanges(where, record.get("conversations"))
+    task = record.get("task")
+    if task is not None:
+        from fedvlm.tasks import TASKS
+
+        if task not in TASKS:
+            raise DataError(f"{where}: field 'task': unknown task {task!r} (known: {', '.join(sorted(TASKS))})")
+    (question, answer) = turns[0]
+    return Example(id=record_id, image=image, question=question, answer=answer,
+                   turns=turns if len(turns) > 1 else (), task=task)
 
 
-def _resolve_image(where: str, root: Path, image_field: str) -> Path:
+def _resolve_image(where: str, roots: tuple[Path, ...], image_field: str) -> Path:
     posix, windows = PurePosixPath(image_field), PureWindowsPath(image_field)
     if posix.is_absolute() or windows.is_absolute() or windows.drive:
         raise DataError(f"{where}: field 'image': absolute path {image_field!r} not allowed (must be relative)")
     if ".." in posix.parts or ".." in windows.parts:
         raise DataError(f"{where}: field 'image': path {image_field!r} escapes the data folder via '..'")
-    image = (root / image_field).resolve()
-    if not image.is_relative_to(root):
-        raise DataError(f"{where}: field 'image': path {image_field!r} resolves outside the data folder {root}")
-    if not image.is_file():
-        raise DataError(f"{where}: field 'image': file {image_field!r} not found under {root}")
-    return image
+    for root in roots:
+        image = (root / image_field).resolve()
+        if not image.is_relative_to(root):
+            raise DataError(f"{where}: field 'image': path {image_field!r} resolves outside the data folder {root}")
+        if image.is_file():
+            return image
+    where_looked = " or ".join(str(r) for r in roots)
+    raise DataError(f"{where}: field 'image': file {image_field!r} not found under {where_looked}")
 
 
 def _verify_image(where: str, image_field: str, image: Path) -> None:
@@ -100,9 +132,11 @@ def _verify_image(where: str, image_field: str, image: Path) -> None:
         raise DataError(f"{where}: field 'image': {image_field!r} is not a readable image ({exc})") from None
 
 
-def _first_exchange(where: str, conversations: object) -> tuple[str, str]:
+def _exchanges(where: str, conversations: object) -> tuple[tuple[str, str], ...]:
+    """Every (human, assistant) pair; a human turn must be answered before the next one; system turns skipped."""
     if not isinstance(conversations, list) or not conversations:
         raise DataError(f"{where}: field 'conversations': missing or not a non-empty list")
+    pairs: list[tuple[str, str]] = []
     question = None
     for turn_index, turn in enumerate(conversations):
         field = f"conversations[{turn_index}]"
@@ -112,15 +146,20 @@ def _first_exchange(where: str, conversations: object) -> tuple[str, str]:
         if not isinstance(value, str):
             raise DataError(f"{where}: field '{field}.value': missing or not a string")
         role = turn["from"].lower()
-        if question is None and role in HUMAN_ROLES:
+        if role in HUMAN_ROLES:
+            if question is not None:
+                raise DataError(f"{where}: field '{field}': two human turns in a row (no gpt turn between them)")
             question = value.replace(IMAGE_PLACEHOLDER, "").strip()
             if not question:
                 raise DataError(f"{where}: field '{field}.value': the human turn has no question text")
-        elif question is not None and role in ASSISTANT_ROLES:
+        elif role in ASSISTANT_ROLES and question is not None:
             answer = value.strip()
             if not answer:
                 raise DataError(f"{where}: field '{field}.value': the gpt turn is empty")
-            return question, answer
-    if question is None:
-        raise DataError(f"{where}: field 'conversations': no human turn")
-    raise DataError(f"{where}: field 'conversations': no gpt turn after the human turn")
+            pairs.append((question, answer))
+            question = None
+    if not pairs:
+        if question is None:
+            raise DataError(f"{where}: field 'conversations': no human turn")
+        raise DataError(f"{where}: field 'conversations': no gpt turn after the human turn")
+    return tuple(pairs)
