@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -14,28 +13,6 @@ from fedvlm.vlm import presets
 from fedvlm.vlm.loading import load_base
 from fedvlm.vlm.presets import PRESET_INFO_FILE, PRESETS, preset_dir, preset_hash
 from fedvlm.vlm.strategy import apply_strategy
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from intra-op threads, and they crawl when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def fedvlm_cache(tmp_path_factory) -> Path:
-    """One preset cache per test session (shared by name with the other test modules), exported as FEDVLM_CACHE."""
-    cache = tmp_path_factory.getbasetemp() / "fedvlm-cache"
-    old = os.environ.get("FEDVLM_CACHE")
-    os.environ["FEDVLM_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("FEDVLM_CACHE", None)
-    else:
-        os.environ["FEDVLM_CACHE"] = old
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -136,7 +113,8 @@ def test_strategy_lora_targets_are_restricted_to_the_language_model(base_model):
 
 
 def test_strategy_errors_name_the_problem(base_model):
-    with pytest.raises(ValueError, match="F-2stage is not yet supported"):
-        _trainable(base_model, "F-2stage")
+    with pytest.raises(ValueError, match="unknown strategy 'F-X'"):
+        _trainable(base_model, "F-X")
+    assert len(_trainable(base_model, "F-2stage")) == len(_trainable(base_model, "F-CL"))  # both parts in the adapter
     with pytest.raises(ValueError, match="task.lora.targets: fc1 not linear layers of the language model"):
         _trainable(base_model, "F-L", LoraSpec(targets=("fc1",)))

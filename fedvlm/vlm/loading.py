@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def offline_mode() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value, read at call time (the
+    Hugging Face libraries read it once at import, so a later change would otherwise be ignored)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def load_base(spec_model: str, cache_dir: Path | None = None, device: str = "cpu"):
     """Return ``(model, processor)`` for a preset name or ``hf:<id or path>``, the model in eval mode on ``device``.
 
@@ -46,11 +54,31 @@ def load_base(spec_model: str, cache_dir: Path | None = None, device: str = "cpu
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    import fedvlm.vlm.archs  # noqa: F401  (registers fedvlm's own model type with the Auto classes)
+
     path = resolve_model_path(spec_model, cache_dir)
     hf_logging.disable_progress_bar()  # clients draw their own progress; tqdm bars from 3 processes are noise
     logger.info("loading base model %s from %s", spec_model, path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(path)
+    local_only = offline_mode()
+    if Path(path).is_absolute() and not Path(path).is_dir():
+        raise OSError(f"task.model: {spec_model!r}: no such directory")
+    if local_only and not Path(path).is_dir():
+        # Resolve the hub id to its cached snapshot first: from_pretrained still probes the hub for an
+        # adapter_config.json (with retries) even with local_files_only=True.
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(path, local_files_only=True)
+        except Exception as exc:  # LocalEntryNotFoundError, or a malformed id
+            raise OSError(f"task.model: cannot load {spec_model!r} (HF_HUB_OFFLINE is set: a hub id must already "
+                          f"be in the local Hugging Face cache): {exc}") from exc
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
+    except OSError as exc:
+        hint = " (HF_HUB_OFFLINE is set: a hub id must already be in the local Hugging Face cache)"
+        hint = hint if local_only else ""
+        raise OSError(f"task.model: cannot load {spec_model!r}{hint}: {exc}") from exc
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; many causal LMs ship none

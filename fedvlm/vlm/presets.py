@@ -29,7 +29,14 @@ PRESET_INFO_FILE = "fedvlm_preset.json"
 
 @dataclass(frozen=True)
 class TinyLlavaPreset:
-    """A LLaVA-style model: CLIP vision tower (frozen) + 2-layer MLP connector + Llama language model."""
+    """A tiny VLM with a Llama language model, built offline.
+
+    Encoder-based (default): CLIP vision tower (frozen) + connector + LM. ``connector`` is ``mlp2x_gelu`` (the stock
+    ``LlavaForConditionalGeneration``) or ``linear`` / ``mlp<N>x_gelu`` (fedvlm's registered ``fedvlm_llava``
+    class, see ``fedvlm.vlm.archs``); ``vision_feature_layer`` picks the CLIP layer fed to the connector (-2 =
+    second to last, as in LLaVA-1.5). Encoder-free (``encoder_free=True``): no vision tower; the connector is a
+    linear patch embedding of raw ``patch_size`` x ``patch_size`` patches into the LM (Fuyu-style).
+    """
 
     image_size: int = 32
     patch_size: int = 8
@@ -49,22 +56,45 @@ class TinyLlavaPreset:
     # reach sharp predictions (measured: FedAvg 3 sites x 5 rounds, 48% -> 88% vs 10% -> 78% at 0.02).
     text_init_std: float = 0.08
     seed: int = 0
+    connector: str = "mlp2x_gelu"
+    vision_feature_layer: int = -1
+    encoder_free: bool = False
 
     @property
     def image_seq_length(self) -> int:
         """Image tokens per image: one per patch ("default" feature selection drops CLS)."""
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def family(self) -> str:
+        return "encoder-free" if self.encoder_free else "encoder-based"
+
+    @property
+    def stock_llava(self) -> bool:
+        """True when the stock ``LlavaForConditionalGeneration`` represents this preset (2-layer MLP connector)."""
+        return not self.encoder_free and self.connector == "mlp2x_gelu"
+
 
 PRESETS: dict[str, TinyLlavaPreset] = {
+    # The demo's model; last CLIP layer (kept: the demo's learning curve was measured with it).
     "tiny-llava": TinyLlavaPreset(),
+    # FedVLMBench's connector comparison: linear, 2-layer (above), 6-layer MLP; second-to-last CLIP layer.
+    "tiny-llava-linear": TinyLlavaPreset(connector="linear", vision_feature_layer=-2),
+    "tiny-llava-mlp6x": TinyLlavaPreset(connector="mlp6x_gelu", vision_feature_layer=-2),
+    # Encoder-free: 8x8x3 patches -> linear patch embedding -> LM (no vision encoder).
+    "tiny-encoder-free": TinyLlavaPreset(encoder_free=True, connector="linear"),
 }
+
+# Fields added after the first release: left out of the hash while at their defaults, so existing preset
+# directories (tiny-llava) keep their names.
+_LATE_FIELDS = {"connector": "mlp2x_gelu", "vision_feature_layer": -1, "encoder_free": False}
 
 
 def preset_hash(name: str) -> str:
     """Short stable hash of a preset's recipe (config fields + ``RECIPE_VERSION``)."""
     preset = _get(name)
-    recipe = {"name": name, "recipe_version": RECIPE_VERSION, **dataclasses.asdict(preset)}
+    fields = {k: v for k, v in dataclasses.asdict(preset).items() if not (k in _LATE_FIELDS and _LATE_FIELDS[k] == v)}
+    recipe = {"name": name, "recipe_version": RECIPE_VERSION, **fields}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -114,31 +144,14 @@ def _get(name: str) -> TinyLlavaPreset:
         raise ValueError(f"unknown model preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None
 
 
-def _build_into(name: str, preset: TinyLlavaPreset, out: Path) -> None:
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.llava.processing_llava import LlavaProcessor
-    from transformers.utils import logging as hf_logging
+def _config(preset: TinyLlavaPreset, tokenizer):
+    """The model config of a preset (stock ``LlavaConfig`` or fedvlm's ``FedvlmLlavaConfig``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    from fedvlm.vlm.tokenizer import CHAT_TEMPLATE, IMAGE, build_tokenizer
+    from fedvlm.vlm.archs import FedvlmLlavaConfig
+    from fedvlm.vlm.tokenizer import IMAGE
 
-    hf_logging.disable_progress_bar()
-    tokenizer = build_tokenizer(preset.vocab_size)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": preset.image_size},
-        crop_size={"height": preset.image_size, "width": preset.image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=preset.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
-        image_token=IMAGE,
-        chat_template=CHAT_TEMPLATE,
-    )
-    config = LlavaConfig(
+    kwargs = dict(
         vision_config=CLIPVisionConfig(
             hidden_size=preset.vision_hidden,
             intermediate_size=preset.vision_intermediate,
@@ -162,17 +175,75 @@ def _build_into(name: str, preset: TinyLlavaPreset, out: Path) -> None:
         ),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
         image_seq_length=preset.image_seq_length,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
+        vision_feature_layer=preset.vision_feature_layer,
+        # Encoder-free: every patch is an image token (there is no CLS to drop).
+        vision_feature_select_strategy="full" if preset.encoder_free else "default",
     )
+    if preset.stock_llava:
+        return LlavaConfig(**kwargs)
+    return FedvlmLlavaConfig(**kwargs, connector=preset.connector, encoder_free=preset.encoder_free)
+
+
+def _model_class(preset: TinyLlavaPreset):
+    from transformers import LlavaForConditionalGeneration
+
+    from fedvlm.vlm.archs import FedvlmLlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration if preset.stock_llava else FedvlmLlavaForConditionalGeneration
+
+
+def parameter_counts(name: str) -> dict[str, int]:
+    """``{"total", "vision", "connector", "language_model"}`` parameter counts of a preset, without building it
+    (the model is instantiated on the meta device)."""
+    import torch
+
+    from fedvlm.vlm.tokenizer import build_tokenizer
+
+    preset = _get(name)
+    with torch.device("meta"):
+        model = _model_class(preset)(_config(preset, build_tokenizer(preset.vocab_size)))
+    counts = {"total": 0, "vision": 0, "connector": 0, "language_model": 0}
+    for pname, param in model.named_parameters():
+        counts["total"] += param.numel()
+        for part, key in (("vision_tower", "vision"), ("multi_modal_projector", "connector"),
+                          ("language_model", "language_model")):
+            if f".{part}." in f".{pname}":
+                counts[key] += param.numel()
+    return counts
+
+
+def _build_into(name: str, preset: TinyLlavaPreset, out: Path) -> None:
+    import torch
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.processing_llava import LlavaProcessor
+    from transformers.utils import logging as hf_logging
+
+    from fedvlm.vlm.tokenizer import CHAT_TEMPLATE, IMAGE, build_tokenizer
+
+    hf_logging.disable_progress_bar()
+    tokenizer = build_tokenizer(preset.vocab_size)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": preset.image_size},
+        crop_size={"height": preset.image_size, "width": preset.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=preset.patch_size,
+        vision_feature_select_strategy="full" if preset.encoder_free else "default",
+        num_additional_image_tokens=0 if preset.encoder_free else 1,  # CLS, dropped by the "default" strategy
+        image_token=IMAGE,
+        chat_template=CHAT_TEMPLATE,
+    )
+    config = _config(preset, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
-        model = LlavaForConditionalGeneration(config)
+        model = _model_class(preset)(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
     info = {"name": name, "hash": preset_hash(name), "recipe_version": RECIPE_VERSION,
-            "preset": dataclasses.asdict(preset)}
+            "preset": dataclasses.asdict(preset), "family": preset.family}
     (out / PRESET_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -1,14 +1,21 @@
-"""Fine-tuning strategies: which parameters of a VLM train, expressed as one PEFT LoRA config.
+"""Fine-tuning strategies (FedVLMBench): which parameters of a VLM train, expressed as one PEFT LoRA config.
 
-- F-C:  the connector (vision -> language projector) trains fully; nothing else.
-- F-L:  LoRA on the language model's linear layers; nothing else.
-- F-CL: both (the default).
-- F-2stage (connector first, LoRA after a switch round) needs a switch-round setting the task spec does not carry
-  yet, so it is rejected with a clear error.
+- F-C:      the connector (vision -> language projector; the patch embedding of an encoder-free model) trains
+            fully; nothing else.
+- F-L:      LoRA on the language model's linear layers; nothing else.
+- F-CL:     both (the default).
+- F-2stage: the adapter holds both parts (as F-CL), but rounds ``< switch_round`` train only the connector and
+            rounds ``>= switch_round`` only the LoRA layers (connector frozen at what the first stage learned). The
+            stage is a pure function of the round number, so coordinator and sites agree without talking.
 
 The vision encoder never trains: LoRA targets are a regex anchored at the language model's module path, because
 plain suffixes like ``q_proj`` also match the CLIP vision tower. The connector is carried with ``modules_to_save``;
-F-C uses PEFT's "dummy-target-modules" (an adapter with no LoRA layers, only modules to save).
+F-C uses PEFT's "dummy-target-modules" (an adapter with no LoRA layers, only modules to save). "all-linear" LoRA
+targets every ``nn.Linear`` inside the language model, so fused attention (Fuyu/Persimmon ``query_key_value``)
+works like split q/k/v.
+
+Where the parts are is looked up by ``config.model_type`` in ``ARCHITECTURES`` (module paths as in
+``model.named_modules()`` of transformers 5); an unknown model type is a clear ``ValueError``.
 """
 
 from __future__ import annotations
@@ -25,39 +32,52 @@ from fedvlm.spec import LoraSpec
 
 logger = logging.getLogger(__name__)
 
-# Tried in order; the first module name that exists in the model is used.
-LANGUAGE_MODEL_NAMES = ("model.language_model", "language_model", "model.text_model")
-CONNECTOR_NAMES = ("model.multi_modal_projector", "multi_modal_projector", "model.visual.merger", "visual.merger")
-VISION_TOWER_NAMES = ("model.vision_tower", "vision_tower", "model.visual", "visual")
 DUMMY_TARGET_MODULES = "dummy-target-modules"  # peft.utils.constants.DUMMY_TARGET_MODULES
+CONNECTOR_STAGE, LORA_STAGE = "connector", "lora"
 
 
 @dataclass(frozen=True)
 class ModelParts:
-    """Dotted module paths (as in ``model.named_modules()``) of the three parts of an encoder-based VLM."""
+    """Dotted module paths (as in ``model.named_modules()``) of the three parts of a VLM; ``vision_tower`` is None
+    for encoder-free models."""
 
     language_model: str
     connector: str
     vision_tower: str | None
 
 
+# config.model_type -> where the parts of that architecture live (transformers 5 module names).
+ARCHITECTURES: dict[str, ModelParts] = {
+    "llava": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
+    "fedvlm_llava": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
+    "llava_next": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
+    "llava_onevision": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
+    "qwen2_vl": ModelParts("model.language_model", "model.visual.merger", "model.visual"),
+    "qwen2_5_vl": ModelParts("model.language_model", "model.visual.merger", "model.visual"),
+    "idefics3": ModelParts("model.text_model", "model.connector", "model.vision_model"),
+    "smolvlm": ModelParts("model.text_model", "model.connector", "model.vision_model"),
+    "paligemma": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
+    "fuyu": ModelParts("model.language_model", "model.vision_embed_tokens", None),
+}
+
+
 def find_parts(model: nn.Module) -> ModelParts:
-    """Locate language model, connector and vision tower by name; ``ValueError`` if LM or connector is missing."""
-    names = {name for name, _ in model.named_modules()}
-
-    def first(candidates: tuple[str, ...], what: str, required: bool = True) -> str | None:
-        for candidate in candidates:
-            if candidate in names:
-                return candidate
-        if required:
-            raise ValueError(f"cannot find the {what} in {type(model).__name__} (looked for {', '.join(candidates)})")
-        return None
-
-    return ModelParts(
-        language_model=first(LANGUAGE_MODEL_NAMES, "language model"),
-        connector=first(CONNECTOR_NAMES, "connector"),
-        vision_tower=first(VISION_TOWER_NAMES, "vision tower", required=False),
-    )
+    """The parts of ``model`` from ``ARCHITECTURES`` by ``config.model_type``; ``ValueError`` for an unknown type or
+    when the table's modules are not in the model (e.g. a different transformers version renamed them)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    parts = ARCHITECTURES.get(model_type)
+    if parts is None:
+        raise ValueError(
+            f"task.model: architecture {model_type!r} ({type(model).__name__}) has no module mapping "
+            f"(supported model types: {', '.join(sorted(ARCHITECTURES))}); add its language model, connector and "
+            "vision tower paths to fedvlm.vlm.strategy.ARCHITECTURES"
+        )
+    names = {name for name, module in model.named_modules() if module is not None}
+    missing = [p for p in (parts.language_model, parts.connector) if p not in names]
+    if missing:
+        raise ValueError(f"{type(model).__name__} ({model_type}) has no module {', '.join(missing)}")
+    vision = parts.vision_tower if parts.vision_tower in names else None  # fedvlm_llava encoder-free: none
+    return ModelParts(parts.language_model, parts.connector, vision)
 
 
 def lora_target_regex(model: nn.Module, parts: ModelParts, targets: tuple[str, ...]) -> str:
@@ -86,16 +106,14 @@ def lora_target_regex(model: nn.Module, parts: ModelParts, targets: tuple[str, .
 
 
 def lora_config_for(model: nn.Module, strategy: str, lora: LoraSpec):
-    """The ``peft.LoraConfig`` that makes exactly the strategy's parameters trainable (see module docstring)."""
+    """The ``peft.LoraConfig`` whose adapter holds exactly the strategy's tensors (F-2stage: both parts)."""
     from peft import LoraConfig
 
+    if strategy not in ("F-C", "F-L", "F-CL", "F-2stage"):
+        raise ValueError(f"task.strategy: unknown strategy {strategy!r} (known: F-C, F-L, F-CL, F-2stage)")
     parts = find_parts(model)
-    if strategy == "F-2stage":
-        raise ValueError("task.strategy: F-2stage is not yet supported (the task spec has no switch round yet)")
-    if strategy not in ("F-C", "F-L", "F-CL"):
-        raise ValueError(f"task.strategy: unknown strategy {strategy!r} (known: F-C, F-L, F-CL)")
-    uses_lora = strategy in ("F-L", "F-CL")
-    trains_connector = strategy in ("F-C", "F-CL")
+    uses_lora = strategy in ("F-L", "F-CL", "F-2stage")
+    trains_connector = strategy in ("F-C", "F-CL", "F-2stage")
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -106,23 +124,55 @@ def lora_config_for(model: nn.Module, strategy: str, lora: LoraSpec):
     )
 
 
+def stage_for_round(strategy: str, switch_round: int, round_index: int) -> str | None:
+    """F-2stage: ``"connector"`` for rounds before ``switch_round``, ``"lora"`` from it on; None for the other
+    strategies (they train all their tensors every round). Round 0 (the initial adapter) counts as before."""
+    if strategy != "F-2stage":
+        return None
+    return CONNECTOR_STAGE if round_index < switch_round else LORA_STAGE
+
+
+def is_lora_key(name: str) -> bool:
+    """True for LoRA tensors/parameters (``lora_A``/``lora_B``/...); False for the connector's copies."""
+    return ".lora_" in name
+
+
+def set_stage(peft_model, stage: str | None) -> None:
+    """Make only ``stage``'s parameters trainable (``None``: every adapter parameter, i.e. PEFT's default)."""
+    for name, param in peft_model.named_parameters():
+        if is_lora_key(name):
+            param.requires_grad_(stage in (None, LORA_STAGE))
+        elif ".modules_to_save." in name:
+            param.requires_grad_(stage in (None, CONNECTOR_STAGE))
+
+
+def stage_keys(keys, stage: str | None) -> list[str]:
+    """The adapter-state keys a stage's update carries (``None``: all of them)."""
+    if stage is None:
+        return list(keys)
+    return [k for k in keys if is_lora_key(k) == (stage == LORA_STAGE)]
+
+
 def apply_strategy(model: nn.Module, strategy: str, lora: LoraSpec, seed: int):
     """Wrap ``model`` in a ``PeftModel`` for ``strategy``; the adapter init is a pure function of ``seed``.
 
     Guarantees: the global torch RNG is seeded with ``seed`` right before the adapters are created (so two sites
-    with the same spec start from identical adapters); no vision-tower parameter is trainable.
+    with the same spec start from identical adapters); no vision-tower parameter is trainable (the connector may
+    live inside the vision module, as Qwen2-VL's ``visual.merger``, and is not counted as vision tower).
     """
     from peft import get_peft_model
 
     config = lora_config_for(model, strategy, lora)
+    parts = find_parts(model)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         # peft 0.21 calls a transformers 5 API that warns about its own deprecation; not actionable here.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
-    parts = find_parts(model)
     if parts.vision_tower is not None:
-        leaked = [n for n, p in peft_model.named_parameters() if p.requires_grad and f".{parts.vision_tower}." in n]
+        tower, connector = f".{parts.vision_tower}.", f".{parts.connector}."
+        leaked = [n for n, p in peft_model.named_parameters()
+                  if p.requires_grad and tower in f".{n}" and connector not in f".{n}"]
         if leaked:  # pragma: no cover - the regex above makes this impossible; keep the invariant loud
             raise RuntimeError(f"strategy {strategy} would train vision-tower parameters: {leaked[:3]}")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
