@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .base import Algorithm, register
+
 TensorStream = Iterator[tuple[str, torch.Tensor]]
 
 
@@ -45,3 +47,10 @@ def fedavg(updates: Iterable[tuple[int, TensorStream]]) -> dict[str, torch.Tenso
     if total == 0:
         raise ValueError("fedavg needs at least one update")
     return {name: (acc / total).to(dtypes[name]) for name, acc in sums.items()}
+
+
+@register
+class FedAvg(Algorithm):
+    """FedAvg: x' = x + mean_k(d_k) = sum_k n_k y_k / sum_k n_k. No state, no client hook, nothing extra sent."""
+
+    name = "fedavg"

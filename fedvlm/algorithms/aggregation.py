@@ -1,0 +1,188 @@
+"""How the sites' deltas become one delta: weighted mean, robust aggregators, norm clipping and central DP.
+
+- mean: sum_k n_k d_k / sum_k n_k, streamed (one update in memory at a time).
+- median: coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
+  Statistical Rates"); trimmed_mean: per coordinate, drop the `trim_ratio` largest and smallest values (same paper).
+- krum / multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
+  Descent"): score each delta by the summed squared distances to its K - f - 2 nearest others, average the m best.
+  These three are unweighted and hold all K deltas: memory O(K x model).
+- clip_norm C > 0: every delta is scaled to L2 norm at most C before aggregation.
+- Central DP (DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
+  clip to C, unweighted mean, plus Gaussian noise N(0, (sigma C / K)^2) per coordinate; the privacy spent is
+  tracked by an RDP accountant (Google's dp-accounting) for `rounds` compositions of the Gaussian mechanism at
+  noise multiplier sigma, without amplification by sampling (conservative).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedvlm.spec import AlgorithmSpec
+
+from .base import ClientUpdate, Tensors
+
+DP_SEED = "dp.seed"
+DP_ROUNDS = "dp.rounds"
+
+
+def initial_dp_state(spec: AlgorithmSpec) -> Tensors:
+    """A secret noise seed (never leaves the coordinator) when DP is on; nothing otherwise."""
+    if spec.dp_noise_multiplier <= 0:
+        return {}
+    return {DP_SEED: torch.tensor(secrets.randbits(62), dtype=torch.int64),
+            DP_ROUNDS: torch.tensor(0, dtype=torch.int64)}
+
+
+def combine(spec: AlgorithmSpec, base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], state: Tensors,
+            round_index: int) -> tuple[Tensors, Tensors, dict[str, float]]:
+    """(aggregated delta in float64, unweighted mean of the aux tensors, metrics); may update `state` (DP)."""
+    if not updates:
+        raise ValueError("aggregation needs at least one update")
+    if spec.lora_exact:
+        from .lora_exact import exact_lora_mean
+
+        merged, aux_mean = exact_lora_mean(updates, {n: t.shape[0] for n, t in base.items()})
+        return {n: v - base[n].double() for n, v in merged.items()}, aux_mean, {}
+    if spec.aggregator == "mean":
+        return _streaming_mean(spec, base, updates, state, round_index)
+    deltas, aux_sum, names = [], {}, None
+    clipped = 0
+    for index, update in enumerate(updates):
+        tensors, aux = update.load()
+        names = _check_names(index, names, tensors)
+        delta, was_clipped = _clipped_delta(spec, base, tensors)
+        clipped += was_clipped
+        deltas.append(delta)
+        _accumulate(aux_sum, aux, 1.0)
+    robust = {"median": median, "trimmed_mean": lambda d: trimmed_mean(d, spec.trim_ratio),
+              "krum": lambda d: krum(d, spec.krum_byzantine, spec.krum_select)}[spec.aggregator]
+    aux_mean = {n: v / len(updates) for n, v in aux_sum.items()}
+    return robust(deltas), aux_mean, {"clipped_updates": float(clipped)} if spec.clip_norm > 0 else {}
+
+
+def _streaming_mean(spec, base, updates, state, round_index):
+    dp = spec.dp_noise_multiplier > 0
+    acc: Tensors = {}
+    aux_sum: Tensors = {}
+    total = 0.0
+    clipped = 0
+    names = None
+    for index, update in enumerate(updates):
+        if update.weight <= 0:
+            raise ValueError(f"update {index}: weight must be positive, got {update.weight}")
+        tensors, aux = update.load()
+        names = _check_names(index, names, tensors)
+        scale = _clip_scale(spec, base, tensors)
+        clipped += scale < 1.0
+        weight = 1.0 if dp else float(update.weight)  # DP bounds each site's influence: equal weights
+        for name in sorted(tensors):  # one float64 delta at a time; each tensor is released once added
+            tensor = tensors.pop(name)
+            _accumulate(acc, {name: tensor.double() - base[name].double()}, weight * scale)
+        _accumulate(aux_sum, aux, 1.0)
+        total += weight
+    mean = {n: v.div_(total) for n, v in acc.items()}  # in place: no second float64 copy of the model
+    aux_mean = {n: v / len(updates) for n, v in aux_sum.items()}
+    metrics: dict[str, float] = {"clipped_updates": float(clipped)} if spec.clip_norm > 0 else {}
+    if dp:
+        std = spec.dp_noise_multiplier * spec.clip_norm / len(updates)
+        generator = torch.Generator().manual_seed(_noise_seed(state, round_index))
+        for name in sorted(mean):
+            mean[name] = mean[name] + torch.randn(mean[name].shape, generator=generator, dtype=torch.float64) * std
+        rounds = int(state.get(DP_ROUNDS, torch.tensor(0))) + 1
+        state[DP_ROUNDS] = torch.tensor(rounds, dtype=torch.int64)
+        metrics.update(dp_epsilon=dp_epsilon(spec.dp_noise_multiplier, rounds, spec.dp_delta),
+                       dp_delta=spec.dp_delta, dp_rounds=float(rounds))
+    return mean, aux_mean, metrics
+
+
+def _noise_seed(state: Mapping[str, torch.Tensor], round_index: int) -> int:
+    if DP_SEED not in state:
+        raise ValueError("DP is on but the server state has no noise seed (state created without DP?)")
+    key = f"{int(state[DP_SEED])}:{round_index}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def dp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon at `delta` after `rounds` Gaussian mechanisms at `noise_multiplier` (RDP accountant)."""
+    import dp_accounting  # imported here: only DP runs pay for it
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def _check_names(index: int, names: set[str] | None, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """Every update of a round must carry the same tensors; returns that set."""
+    current = set(tensors)
+    if names is not None and current != names:
+        raise ValueError(f"update {index}: tensors differ from the round's first update "
+                         f"(missing {sorted(names - current)[:3]}, extra {sorted(current - names)[:3]})")
+    return current
+
+
+def _clip_scale(spec: AlgorithmSpec, base: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> float:
+    """The factor that brings this site's whole delta to L2 norm <= clip_norm (1.0 when clipping is off)."""
+    if spec.clip_norm <= 0:
+        return 1.0
+    norm = math.sqrt(sum(float((t.double() - base[n].double()).square().sum()) for n, t in tensors.items()))
+    return min(1.0, spec.clip_norm / norm) if norm > 0 else 1.0
+
+
+def _clipped_delta(spec: AlgorithmSpec, base: Mapping[str, torch.Tensor],
+                   tensors: Mapping[str, torch.Tensor]) -> tuple[Tensors, bool]:
+    """This site's delta in float64, clipped; and whether clipping changed it."""
+    scale = _clip_scale(spec, base, tensors)
+    return {n: (t.double() - base[n].double()) * scale for n, t in tensors.items()}, scale < 1.0
+
+
+def _accumulate(acc: Tensors, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
+    """acc[name] += weight * tensor, in float64, for every tensor."""
+    for name, tensor in tensors.items():
+        if name in acc:
+            acc[name].add_(tensor.double(), alpha=weight)
+        else:
+            acc[name] = tensor.double() * weight
+
+
+def _sorted_stack(deltas: Sequence[Mapping[str, torch.Tensor]], name: str) -> torch.Tensor:
+    return torch.stack([d[name].double() for d in deltas]).sort(dim=0).values
+
+
+def median(deltas: Sequence[Mapping[str, torch.Tensor]]) -> Tensors:
+    """Coordinate-wise median; the mean of the two middle values when the count is even."""
+    k = len(deltas)
+    out = {}
+    for name in deltas[0]:
+        ordered = _sorted_stack(deltas, name)
+        out[name] = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+    return out
+
+
+def trimmed_mean(deltas: Sequence[Mapping[str, torch.Tensor]], trim_ratio: float) -> Tensors:
+    """Per coordinate, drop the floor(trim_ratio * K) largest and smallest values and average the rest."""
+    k = len(deltas)
+    cut = math.floor(trim_ratio * k)
+    if k - 2 * cut < 1:
+        raise ValueError(f"trimmed mean with trim_ratio {trim_ratio} leaves nothing of {k} updates")
+    return {name: _sorted_stack(deltas, name)[cut:k - cut].mean(dim=0) for name in deltas[0]}
+
+
+def krum(deltas: Sequence[Mapping[str, torch.Tensor]], byzantine: int, select: int) -> Tensors:
+    """(Multi-)Krum: score each delta by the summed squared distances to its K - f - 2 nearest others and average
+    the `select` best-scored deltas (ties keep the earlier update)."""
+    k = len(deltas)
+    neighbours = k - byzantine - 2
+    if neighbours < 1:
+        raise ValueError(f"krum with {byzantine} byzantine sites needs more than {byzantine + 2} updates, got {k}")
+    names = sorted(deltas[0])
+    flat = torch.stack([torch.cat([d[n].double().reshape(-1) for n in names]) for d in deltas])
+    distances = torch.cdist(flat, flat).square()
+    scores = torch.stack([distances[i][torch.arange(k) != i].sort().values[:neighbours].sum() for i in range(k)])
+    chosen = torch.argsort(scores, stable=True)[:max(1, min(select, k))].tolist()
+    return {name: torch.stack([deltas[i][name].double() for i in chosen]).mean(dim=0) for name in names}

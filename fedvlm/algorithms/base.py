@@ -1,0 +1,154 @@
+"""The interface every federated optimisation algorithm implements, and the registry from a name to it.
+
+A round on the server is one pipeline, the same for every algorithm:
+
+    deltas d_k = y_k - x          (y_k: site k's adapter after local training, x: the round's base global)
+    d = combine(d_1..d_K)         (aggregation.py: weighted mean, or a robust aggregator; optional clipping, DP)
+    x', state' = server_update(x, d, state)   (the algorithm: plain step, momentum, adaptive moments, ...)
+
+and on a site one hook inside the local loop (`ClientHook`): an extra loss term, a gradient correction, and extra
+tensors to send with the update. Extra tensors travel in the same safetensors file as the adapter under the
+reserved prefix ``fedvlm.aux/`` (`AUX_PREFIX`); the coordinator checks them against `Algorithm.expected_aux`.
+
+Server state (moments, control variates, DP accounting) is a flat dict of named tensors that the caller persists
+between rounds; algorithms are pure functions of (base, updates, state) with no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from fedvlm.spec import AlgorithmSpec
+
+Tensors = dict[str, torch.Tensor]
+
+AUX_PREFIX = "fedvlm.aux/"
+
+
+def split_aux(tensors: Mapping[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
+    """(adapter tensors, auxiliary tensors with the prefix removed)."""
+    adapter = {k: v for k, v in tensors.items() if not k.startswith(AUX_PREFIX)}
+    aux = {k[len(AUX_PREFIX):]: v for k, v in tensors.items() if k.startswith(AUX_PREFIX)}
+    return adapter, aux
+
+
+def with_aux(adapter: Mapping[str, torch.Tensor], aux: Mapping[str, torch.Tensor]) -> Tensors:
+    """One dict for the wire: the adapter tensors plus `aux` under `AUX_PREFIX`."""
+    out = dict(adapter)
+    out.update({AUX_PREFIX + k: v for k, v in aux.items()})
+    return out
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One accepted site update: its weight (example count) and a loader of (adapter tensors, aux tensors).
+
+    Loading is deferred so that streaming aggregators hold one update in memory at a time.
+    """
+
+    weight: float
+    load: Callable[[], tuple[Tensors, Tensors]]
+
+
+@dataclass
+class ServerResult:
+    """A server step's output: new values of the round's tensors, aux tensors to publish with the global, the new
+    server state, and scalar metrics (e.g. the DP epsilon spent so far)."""
+
+    tensors: Tensors
+    aux: Tensors = field(default_factory=dict)
+    state: Tensors = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientHook:
+    """What an algorithm adds to the local loop; this base adds nothing (FedAvg).
+
+    ``params`` maps adapter tensor names (as in the update) to the model's trainable parameters.
+    """
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        self.params = dict(params)
+
+    def loss_term(self) -> torch.Tensor | None:
+        """Added to the training loss at every step (None: nothing)."""
+        return None
+
+    def after_backward(self) -> None:
+        """Called after ``loss.backward()`` and before clipping and the optimizer step: may edit ``.grad``."""
+
+    def finish(self, steps: int, lr: float) -> tuple[Tensors, Tensors]:
+        """After the last step: (aux tensors to send with the update, new client state to keep on the site)."""
+        return {}, {}
+
+
+class Algorithm:
+    """Base of every algorithm: FedAvg's server step (x + d) and a no-op client hook."""
+
+    name: ClassVar[str] = ""
+    streaming: ClassVar[bool] = True  # memory O(model) with the mean aggregator
+
+    def __init__(self, spec: AlgorithmSpec) -> None:
+        self.spec = spec
+
+    # -- server ------------------------------------------------------------------------------------------------
+    def initial_state(self, base: Mapping[str, torch.Tensor]) -> Tensors:
+        """Server state before round 1 (algorithms that need moments create them lazily)."""
+        from .aggregation import initial_dp_state
+
+        return initial_dp_state(self.spec)
+
+    def aggregate(self, base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                  state: Mapping[str, torch.Tensor], round_index: int) -> ServerResult:
+        """The new global values of the round's tensors from `base` and the round's `updates`.
+
+        Deterministic for equal inputs (float64 math, updates in the given order, DP noise seeded from the state),
+        so an interrupted aggregation that is redone gives the same global.
+        """
+        from .aggregation import combine
+
+        new_state = dict(state)
+        delta, aux_mean, metrics = combine(self.spec, base, updates, new_state, round_index)
+        tensors = self.server_update(base, delta, new_state)
+        aux = self.server_aux(aux_mean, len(updates), new_state)
+        return ServerResult(tensors=tensors, aux=aux, state=new_state, metrics=metrics)
+
+    def server_update(self, base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+                      state: Tensors) -> Tensors:
+        """x' = x + d (in float64, returned in the base's dtype); may read and update `state` in place."""
+        return {n: (base[n].double() + d).to(base[n].dtype) for n, d in delta.items()}
+
+    def server_aux(self, aux_mean: Mapping[str, torch.Tensor], num_updates: int, state: Tensors) -> Tensors:
+        """Aux tensors published with the new global (none by default)."""
+        return {}
+
+    # -- wire --------------------------------------------------------------------------------------------------
+    def expected_aux(self, names: Iterable[str]) -> dict[str, str]:
+        """Aux tensor name -> the adapter tensor whose shape and dtype it must have, for an update carrying
+        `names`. The coordinator refuses an update whose aux tensors differ from this."""
+        return {}
+
+    # -- client ------------------------------------------------------------------------------------------------
+    def client_hook(self, params: Mapping[str, torch.nn.Parameter], global_aux: Mapping[str, torch.Tensor],
+                    client_state: Mapping[str, torch.Tensor]) -> ClientHook:
+        """The hook for one local round starting from the current values of `params` (= the global)."""
+        return ClientHook(params)
+
+
+REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def build(spec: AlgorithmSpec) -> Algorithm:
+    """The algorithm `spec.name` configured by `spec` (KeyError never: the spec validated the name)."""
+    from . import fedadagrad, fedadam, fedavg, fedavgm, fedprox, fedyogi, scaffold  # noqa: F401 - registration
+
+    return REGISTRY[spec.name](spec)

@@ -1,0 +1,17 @@
+"""FedAdam (Reddi et al., 2021, "Adaptive Federated Optimization"): v_t = beta2 v_{t-1} + (1 - beta2) d_t^2.
+
+The rest of the step is shared with FedAdagrad and FedYogi (fedopt.py).
+"""
+
+from __future__ import annotations
+
+from .base import register
+from .fedopt import FedOpt
+
+
+@register
+class FedAdam(FedOpt):
+    name = "fedadam"
+
+    def second_moment(self, v, d):
+        return self.config.beta2 * v + (1 - self.config.beta2) * d.square()

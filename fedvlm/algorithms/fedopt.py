@@ -1,0 +1,54 @@
+"""Adaptive server optimizers (Reddi et al., 2021, "Adaptive Federated Optimization", ICLR), shared math.
+
+With d_t the aggregated delta (the "pseudo-gradient", negated):
+
+    m_t = beta1 m_{t-1} + (1 - beta1) d_t                       (m_0 = 0)
+    v_t = second_moment(v_{t-1}, d_t)                           (v_0 = tau^2, as in the paper's Algorithm 2)
+    x_t = x_{t-1} + eta m_t / (sqrt(v_t) + tau)
+
+FedAdagrad, FedYogi and FedAdam differ only in `second_moment`. Defaults (as in FedVLMBench): eta = 1e-3,
+tau = 1e-3, beta1 = 0.9, beta2 = 0.99. State: m and v per tensor. No bias correction (the paper has none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedvlm.spec import AlgorithmSpec
+
+from .base import Algorithm
+
+
+@dataclass(frozen=True)
+class FedOptConfig:
+    eta: float = 1e-3
+    tau: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+
+    @classmethod
+    def from_spec(cls, spec: AlgorithmSpec) -> FedOptConfig:
+        return cls(eta=spec.eta, tau=spec.tau, beta1=spec.beta1, beta2=spec.beta2)
+
+
+class FedOpt(Algorithm):
+    """Base of FedAdagrad / FedYogi / FedAdam."""
+
+    def __init__(self, spec: AlgorithmSpec) -> None:
+        super().__init__(spec)
+        self.config = FedOptConfig.from_spec(spec)
+
+    def second_moment(self, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def server_update(self, base, delta, state):
+        c = self.config
+        out = {}
+        for name, d in delta.items():
+            m = state.get(f"m/{name}", torch.zeros_like(d)).double() * c.beta1 + (1 - c.beta1) * d
+            v = self.second_moment(state.get(f"v/{name}", torch.full_like(d, c.tau ** 2)).double(), d)
+            state[f"m/{name}"], state[f"v/{name}"] = m, v
+            out[name] = (base[name].double() + c.eta * m / (v.sqrt() + c.tau)).to(base[name].dtype)
+        return out

@@ -1,0 +1,18 @@
+"""FedYogi (Reddi et al., 2021, "Adaptive Federated Optimization"):
+v_t = v_{t-1} - (1 - beta2) d_t^2 sign(v_{t-1} - d_t^2).
+
+The rest of the step is shared with FedAdagrad and FedAdam (fedopt.py).
+"""
+
+from __future__ import annotations
+
+from .base import register
+from .fedopt import FedOpt
+
+
+@register
+class FedYogi(FedOpt):
+    name = "fedyogi"
+
+    def second_moment(self, v, d):
+        return v - (1 - self.config.beta2) * d.square() * (v - d.square()).sign()

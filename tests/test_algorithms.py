@@ -1,0 +1,337 @@
+"""Federated optimisation algorithms as pure math: server steps against hand-computed values, client hooks, a
+heterogeneous synthetic problem (client drift), robust aggregation under a faulty site, central DP, exact LoRA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedvlm.algorithms import aggregation
+from fedvlm.algorithms.base import REGISTRY, ClientUpdate, build, split_aux, with_aux
+from fedvlm.algorithms.lora_exact import refactorise
+from fedvlm.spec import ALGORITHMS, AlgorithmSpec, SpecError, TaskSpec
+
+
+def updates_of(*pairs):
+    """ClientUpdates from (weight, tensors[, aux]) tuples."""
+    out = []
+    for pair in pairs:
+        weight, tensors = pair[0], pair[1]
+        aux = pair[2] if len(pair) > 2 else {}
+        out.append(ClientUpdate(weight, lambda t=tensors, a=aux: (dict(t), dict(a))))
+    return out
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+BASE = {"w": t(1.0, 2.0)}
+
+
+def two_rounds(name: str, **kw):
+    """Round 1: sites at w+[1,0] (3 examples) and w+[0,2] (1 example) -> mean delta [0.75, 0.5].
+    Round 2 from the new global: both sites at +[-1,1] -> delta [-1, 1]."""
+    algorithm = build(AlgorithmSpec(name=name, **kw))
+    state = algorithm.initial_state(BASE)
+    r1 = algorithm.aggregate(BASE, updates_of((3, {"w": BASE["w"] + t(1, 0)}), (1, {"w": BASE["w"] + t(0, 2)})),
+                             state, 1)
+    x1 = r1.tensors
+    r2 = algorithm.aggregate(x1, updates_of((1, {"w": x1["w"] + t(-1, 1)}), (1, {"w": x1["w"] + t(-1, 1)})),
+                             r1.state, 2)
+    return r1, r2
+
+
+def test_registry_matches_the_spec_names():
+    build(AlgorithmSpec())
+    assert set(REGISTRY) == set(ALGORITHMS)
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    r1, r2 = two_rounds("fedavg")
+    assert torch.allclose(r1.tensors["w"], t(1.75, 2.5))
+    assert torch.allclose(r2.tensors["w"], t(0.75, 3.5))
+    assert r1.state == {} and r1.aux == {}
+
+
+def test_fedavgm_momentum_over_two_rounds():
+    r1, r2 = two_rounds("fedavgm", server_lr=0.5, server_momentum=0.9)
+    v1 = torch.tensor([0.75, 0.5], dtype=torch.float64)
+    assert torch.allclose(r1.state["v/w"], v1)
+    assert torch.allclose(r1.tensors["w"], t(1.0 + 0.5 * 0.75, 2.0 + 0.5 * 0.5))
+    v2 = 0.9 * v1 + torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(r2.state["v/w"], v2)
+    assert torch.allclose(r2.tensors["w"], r1.tensors["w"] + 0.5 * v2.float())
+
+
+@pytest.mark.parametrize("name", ["fedadagrad", "fedyogi", "fedadam"])
+def test_adaptive_server_optimizers_over_two_rounds(name):
+    eta, tau, b1, b2 = 0.1, 0.01, 0.9, 0.99
+    r1, r2 = two_rounds(name, eta=eta, tau=tau, beta1=b1, beta2=b2)
+    x = [1.0, 2.0]
+    m = [0.0, 0.0]
+    v = [tau ** 2, tau ** 2]
+    for d, result in (([0.75, 0.5], r1), ([-1.0, 1.0], r2)):
+        for i in range(2):
+            m[i] = b1 * m[i] + (1 - b1) * d[i]
+            if name == "fedadagrad":
+                v[i] = v[i] + d[i] ** 2
+            elif name == "fedyogi":
+                v[i] = v[i] - (1 - b2) * d[i] ** 2 * math.copysign(1.0, v[i] - d[i] ** 2)
+            else:
+                v[i] = b2 * v[i] + (1 - b2) * d[i] ** 2
+            x[i] = x[i] + eta * m[i] / (math.sqrt(v[i]) + tau)
+        assert torch.allclose(result.state["m/w"], torch.tensor(m, dtype=torch.float64))
+        assert torch.allclose(result.state["v/w"], torch.tensor(v, dtype=torch.float64))
+        assert torch.allclose(result.tensors["w"], torch.tensor(x), atol=1e-6), (name, result.tensors, x)
+
+
+def test_adaptive_defaults_follow_fedvlmbench():
+    algorithm = build(AlgorithmSpec(name="fedadam"))
+    assert (algorithm.config.eta, algorithm.config.tau, algorithm.config.beta1, algorithm.config.beta2) == \
+        (1e-3, 1e-3, 0.9, 0.99)
+    assert build(AlgorithmSpec(name="fedprox")).config.mu == 0.01
+
+
+def test_scaffold_server_step_and_global_control_variate():
+    algorithm = build(AlgorithmSpec(name="scaffold", server_lr=1.0, scaffold_clients=4))
+    dc1, dc2 = {"scaffold.dc/w": t(1.0, 0.0)}, {"scaffold.dc/w": t(0.0, 2.0)}
+    r1 = algorithm.aggregate(BASE, updates_of((1, {"w": BASE["w"] + t(1, 1)}, dc1),
+                                              (1, {"w": BASE["w"] + t(3, 1)}, dc2)), {}, 1)
+    assert torch.allclose(r1.tensors["w"], t(3.0, 3.0))
+    # c <- c + (1/N) sum dc_i with N = 4
+    assert torch.allclose(r1.state["c/w"], torch.tensor([0.25, 0.5], dtype=torch.float64))
+    assert torch.allclose(r1.aux["scaffold.c/w"], t(0.25, 0.5))
+    r2 = algorithm.aggregate(r1.tensors, updates_of((1, dict(r1.tensors), dc1)), r1.state, 2)
+    assert torch.allclose(r2.state["c/w"], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert algorithm.expected_aux(["w", "v"]) == {"scaffold.dc/w": "w", "scaffold.dc/v": "v"}
+
+
+def test_fedprox_term_adds_mu_times_distance_to_the_gradient():
+    w = torch.nn.Parameter(t(1.0, -2.0))
+    hook = build(AlgorithmSpec(name="fedprox", mu=0.5)).client_hook({"w": w}, {}, {})
+    with torch.no_grad():
+        w.add_(t(0.4, 1.0))  # local training moved w away from the global
+    loss = (w ** 2).sum()
+    loss.backward()
+    plain = w.grad.clone()
+    w.grad = None
+    (loss.detach() + (w ** 2).sum() - loss.detach() + hook.loss_term()).backward()
+    assert torch.allclose(w.grad - plain, 0.5 * t(0.4, 1.0))
+
+
+def test_scaffold_hook_corrects_gradients_and_computes_option_two():
+    w = torch.nn.Parameter(t(1.0, 1.0))
+    c, c_i = {"scaffold.c/w": t(0.5, 0.0)}, {"w": t(0.1, 0.2)}
+    hook = build(AlgorithmSpec(name="scaffold")).client_hook({"w": w}, c, c_i)
+    w.grad = t(1.0, 1.0)
+    hook.after_backward()
+    assert torch.allclose(w.grad, t(1.0 + 0.5 - 0.1, 1.0 + 0.0 - 0.2))
+    with torch.no_grad():
+        w.sub_(t(0.6, 0.3))  # y = x - [0.6, 0.3] after K = 3 steps at lr 0.1
+    aux, state = hook.finish(steps=3, lr=0.1)
+    expected = t(0.1, 0.2) - t(0.5, 0.0) + t(0.6, 0.3) / (3 * 0.1)  # c_i - c + (x - y) / (K lr)
+    assert torch.allclose(state["w"], expected)
+    assert torch.allclose(aux["scaffold.dc/w"], expected - t(0.1, 0.2))
+
+
+# -- a heterogeneous problem: per-site shifted least squares ---------------------------------------------------
+def make_problem(sites: int = 4, dim: int = 5):
+    g = torch.Generator().manual_seed(0)
+    problems = []
+    for k in range(sites):
+        a = torch.randn(20, dim, generator=g, dtype=torch.float64) * (1 + k)  # different curvature per site
+        b = a @ torch.randn(dim, generator=g, dtype=torch.float64) + 3.0 * k  # and a shifted optimum
+        problems.append((a, b))
+    h = sum(a.T @ a for a, _ in problems)
+    optimum = torch.linalg.solve(h, sum(a.T @ b for a, b in problems))
+    return problems, optimum
+
+
+def run_federation(name: str, rounds: int = 80, local_steps: int = 5, lr: float = 4e-4, **kw) -> torch.Tensor:
+    """SGD on 0.5 ||A w - b||^2 per site (full gradients), every site in every round, equal weights."""
+    problems, _ = make_problem()
+    algorithm = build(AlgorithmSpec(name=name, **kw))
+    x = {"w": torch.zeros(problems[0][0].shape[1], dtype=torch.float64)}
+    state = algorithm.initial_state(x)
+    global_aux: dict = {}
+    client_states: list[dict] = [{} for _ in problems]
+    for r in range(1, rounds + 1):
+        updates = []
+        for k, (a, b) in enumerate(problems):
+            w = torch.nn.Parameter(x["w"].clone())
+            hook = algorithm.client_hook({"w": w}, global_aux, client_states[k])
+            for _ in range(local_steps):
+                loss = 0.5 * (a @ w - b).square().sum()
+                extra = hook.loss_term()
+                w.grad = None
+                (loss if extra is None else loss + extra).backward()
+                hook.after_backward()
+                with torch.no_grad():
+                    w -= lr * w.grad
+            aux, new_state = hook.finish(local_steps, lr)
+            client_states[k] = {**client_states[k], **new_state}
+            updates.append((1, {"w": w.detach().clone()}, aux))
+        result = algorithm.aggregate(x, updates_of(*updates), state, r)
+        x, state, global_aux = result.tensors, result.state, result.aux
+    return x["w"]
+
+
+def test_scaffold_reaches_the_optimum_where_fedavg_drifts_and_fedprox_drifts_less():
+    _, optimum = make_problem()
+    error = {name: float((run_federation(name, **kw) - optimum).norm() / optimum.norm())
+             for name, kw in (("fedavg", {}), ("fedprox", {"mu": 2000.0}), ("scaffold", {}))}
+    assert error["scaffold"] < 1e-6, error
+    assert error["fedavg"] > 0.02, error
+    assert error["fedprox"] < 0.7 * error["fedavg"], error
+
+
+# -- robust aggregation --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attack", ["scaled", "sign-flipped"])
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "krum", "mean"])
+def test_one_faulty_site_of_five(aggregator, attack):
+    g = torch.Generator().manual_seed(1)
+    base = {"a": torch.zeros(6, 4), "b": torch.zeros(3)}
+    direction = {n: torch.ones_like(v) for n, v in base.items()}
+    honest = [{n: direction[n] + 0.1 * torch.randn(v.shape, generator=g) for n, v in base.items()} for _ in range(4)]
+    honest_mean = {n: sum(h[n] for h in honest) / 4 for n in base}
+    bad = {n: (100.0 if attack == "scaled" else -5.0) * honest_mean[n] for n in base}
+    updates = updates_of(*[(10, h) for h in honest], (10, bad))
+    spec = dict(name="fedavg", aggregator=aggregator, trim_ratio=0.2, krum_byzantine=1, krum_select=2)
+    result = build(AlgorithmSpec(**spec)).aggregate(base, updates, {}, 1).tensors
+    error = math.sqrt(sum(float((result[n] - honest_mean[n]).square().sum()) for n in base))
+    scale = math.sqrt(sum(float(v.square().sum()) for v in honest_mean.values()))
+    if aggregator == "mean":
+        assert error > scale, error
+    else:
+        assert error < 0.15 * scale, (aggregator, attack, error)
+
+
+def test_robust_aggregators_by_hand():
+    deltas = [{"w": t(v)} for v in (1.0, 2.0, 3.0, 10.0, -50.0)]
+    assert aggregation.median(deltas)["w"].item() == 2.0
+    assert aggregation.median(deltas[:4])["w"].item() == 2.5
+    assert aggregation.trimmed_mean(deltas, 0.2)["w"].item() == 2.0  # drops -50 and 10
+    assert aggregation.krum(deltas, byzantine=1, select=1)["w"].item() == 2.0
+    assert aggregation.krum(deltas, byzantine=1, select=3)["w"].item() == 2.0  # mean of 1, 2, 3
+
+
+def test_norm_clipping_bounds_each_update():
+    spec = AlgorithmSpec(clip_norm=1.0)
+    result = build(spec).aggregate({"w": t(0.0, 0.0)}, updates_of((1, {"w": t(3.0, 4.0)}), (1, {"w": t(0.3, 0.4)})),
+                                   {}, 1)
+    assert torch.allclose(result.tensors["w"], (t(0.6, 0.8) + t(0.3, 0.4)) / 2)
+    assert result.metrics["clipped_updates"] == 1.0
+
+
+# -- central DP ----------------------------------------------------------------------------------------------
+def test_central_dp_noise_is_calibrated_reproducible_and_accounted():
+    spec = AlgorithmSpec(clip_norm=1.0, dp_noise_multiplier=2.0, dp_delta=1e-5)
+    algorithm = build(spec)
+    base = {"w": torch.zeros(20000)}
+    state = algorithm.initial_state(base)
+    ups = updates_of((5, {"w": torch.zeros(20000)}), (1, {"w": torch.zeros(20000)}))
+    r1 = algorithm.aggregate(base, ups, state, 1)
+    again = algorithm.aggregate(base, ups, state, 1)
+    assert torch.equal(r1.tensors["w"], again.tensors["w"])  # a redone aggregation gives the same global
+    assert abs(float(r1.tensors["w"].std()) - 2.0 * 1.0 / 2) < 0.02  # sigma C / K
+    r2 = algorithm.aggregate(r1.tensors, ups, r1.state, 2)
+    assert r1.metrics["dp_rounds"] == 1 and r2.metrics["dp_rounds"] == 2
+    assert 0 < r1.metrics["dp_epsilon"] < r2.metrics["dp_epsilon"]
+    assert r2.metrics["dp_epsilon"] == pytest.approx(aggregation.dp_epsilon(2.0, 2, 1e-5))
+    other = build(spec).initial_state(base)  # a different federation draws a different secret noise seed
+    assert not torch.equal(build(spec).aggregate(base, ups, other, 1).tensors["w"], r1.tensors["w"])
+
+
+# -- exact LoRA aggregation ----------------------------------------------------------------------------------
+def test_exact_lora_aggregation_averages_the_products():
+    g = torch.Generator().manual_seed(3)
+    a1 = torch.randn(2, 6, generator=g)
+    a2 = torch.randn(2, 2, generator=g) @ a1  # same row space: the mean product still has rank 2
+    b1, b2 = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    base = {"m.lora_A.weight": torch.zeros(2, 6), "m.lora_B.weight": torch.zeros(5, 2), "head": torch.zeros(3)}
+    ups = updates_of((3, {"m.lora_A.weight": a1, "m.lora_B.weight": b1, "head": t(1, 1, 1)}),
+                     (1, {"m.lora_A.weight": a2, "m.lora_B.weight": b2, "head": t(5, 5, 5)}))
+    exact = build(AlgorithmSpec(lora_exact=True)).aggregate(base, ups, {}, 1).tensors
+    naive = build(AlgorithmSpec()).aggregate(base, ups, {}, 1).tensors
+    target = (3 * b1 @ a1 + b2 @ a2) / 4
+    assert torch.allclose(exact["m.lora_B.weight"] @ exact["m.lora_A.weight"], target, atol=1e-5)
+    assert not torch.allclose(naive["m.lora_B.weight"] @ naive["m.lora_A.weight"], target, atol=1e-2)
+    assert torch.allclose(exact["head"], t(2, 2, 2))
+    b, a = refactorise(torch.randn(7, 9, generator=g, dtype=torch.float64), 3)
+    assert b.shape == (7, 3) and a.shape == (3, 9)
+
+
+# -- spec and wire ---------------------------------------------------------------------------------------------
+def test_algorithm_spec_from_toml_table_and_errors_name_the_key():
+    spec = TaskSpec.from_dict({"algorithm": {"name": "fedadam", "aggregator": "median", "eta": 1}})
+    assert spec.algorithm.name == "fedadam" and spec.algorithm.eta == 1.0
+    assert TaskSpec.from_json(spec.to_json()) == spec
+    for raw, key in (({"name": "fedsgd"}, "task.algorithm.name"), ({"aggregator": "mode"}, "task.algorithm.aggregator"),
+                     ({"mu": "x"}, "task.algorithm.mu"), ({"typo": 1}, "task.algorithm.typo"),
+                     ({"dp_noise_multiplier": 1.0}, "task.algorithm.clip_norm"),
+                     ({"lora_exact": True, "name": "fedadam"}, "task.algorithm.lora_exact")):
+        with pytest.raises(SpecError, match=key.replace(".", r"\.")):
+            TaskSpec.from_dict({"algorithm": raw})
+
+
+def test_aux_tensors_split_and_join():
+    joined = with_aux({"w": t(1)}, {"scaffold.dc/w": t(2)})
+    assert set(joined) == {"w", "fedvlm.aux/scaffold.dc/w"}
+    adapter, aux = split_aux(joined)
+    assert set(adapter) == {"w"} and set(aux) == {"scaffold.dc/w"}
+
+
+def test_site_keeps_its_algorithm_state_across_restarts(tmp_path):
+    """SCAFFOLD's c_i in --state: a round reads the latest earlier round's file (a round retrained after a crash
+    does not read what it already wrote), the files survive a new Agent, and only two rounds' files are kept."""
+    from fedvlm.client.agent import Agent
+    from fedvlm.client.identity import StateDir
+
+    def agent():
+        return Agent("127.0.0.1:1", identity=None, state=StateDir(tmp_path / "site"), data_dir=tmp_path)
+
+    first = agent()
+    assert first._algorithm_state("run1", 1) == {}
+    first._save_algorithm_state("run1", 1, {"w": t(1.0)})
+    first._save_algorithm_state("run1", 2, {"w": t(2.0)})
+    again = agent()  # a restarted site
+    assert torch.equal(again._algorithm_state("run1", 2)["w"], t(1.0))  # round 2 retrained: state from round 1
+    assert torch.equal(again._algorithm_state("run1", 3)["w"], t(2.0))
+    again._save_algorithm_state("run1", 3, {"w": t(3.0)})
+    kept = sorted(p.name for p in (tmp_path / "site" / "algorithm").iterdir())
+    assert kept == ["run1.r2.safetensors", "run1.r3.safetensors"]
+    assert again._algorithm_state("run2", 1) == {}  # another run starts from scratch
+
+
+def test_status_table_shows_the_privacy_spent_per_round():
+    from rich.console import Console
+
+    from fedvlm.status_view import rounds_table
+
+    status = {"rounds": [{"round": 0, "global_digest": "a" * 64, "server_metrics": {}},
+                         {"round": 1, "global_digest": "b" * 64, "num_updates": 2,
+                          "server_metrics": {"dp_epsilon": 4.25, "dp_delta": 1e-5, "dp_rounds": 1}}]}
+    console = Console(width=160, record=True)
+    console.print(rounds_table(status))
+    text = console.export_text()
+    assert "DP epsilon" in text and "4.25 at 1e-05" in text
+    console = Console(width=160, record=True)
+    console.print(rounds_table({"rounds": status["rounds"][:1]}))
+    assert "DP epsilon" not in console.export_text()  # no column without DP
+
+
+def test_exact_lora_aggregation_of_sites_with_different_ranks():
+    from fedvlm.algorithms.lora_exact import exact_lora_mean
+
+    g = torch.Generator().manual_seed(4)
+    b1, a1 = torch.randn(5, 1, generator=g), torch.randn(1, 6, generator=g)  # rank 1
+    b2, a2 = torch.randn(5, 2, generator=g), torch.randn(2, 6, generator=g)  # rank 2
+    ups = updates_of((1, {"m.lora_A.weight": a1, "m.lora_B.weight": b1}),
+                     (1, {"m.lora_A.weight": a2, "m.lora_B.weight": b2}))
+    out, _ = exact_lora_mean(ups, {"m.lora_A.weight": 3})  # the global's rank 3 holds the rank-3 mean exactly
+    assert out["m.lora_A.weight"].shape == (3, 6) and out["m.lora_B.weight"].shape == (5, 3)
+    assert torch.allclose(out["m.lora_B.weight"] @ out["m.lora_A.weight"], (b1 @ a1 + b2 @ a2).double() / 2,
+                          atol=1e-6)
