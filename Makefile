@@ -41,6 +41,7 @@ proto: setup
 bench: setup
 	$(BIN)/python bench/upload_throughput.py
 	$(BIN)/python bench/aggregation_memory.py
+	$(BIN)/python bench/model_steps.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 
 from fedvlm import adapters
+from fedvlm.algorithms.base import build as build_algorithm
+from fedvlm.algorithms.base import split_aux, with_aux
 from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest
 from fedvlm.spec import TaskSpec
@@ -76,6 +79,8 @@ class Agent:
         self._learner_spec: str | None = None
         self._poll_interval = 1.0
         self._contacted = False
+        self._global_aux: dict = {}  # aux tensors of the last global loaded (e.g. SCAFFOLD's server control variate)
+        self.algorithm_state_dir = state.root / "algorithm"
 
     # -- main loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -183,10 +188,24 @@ class Agent:
         def progress(step: int, total: int) -> None:
             self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}: step {step}/{total}")
 
-        result = learner.train_round(task.round, progress)
+        algorithm = build_algorithm(learner.spec.algorithm)
+        client_state = self._algorithm_state(task.run_id, task.round)
+        hooks = []
+
+        def make_hook(params):
+            hooks.append(algorithm.client_hook(params, self._global_aux, client_state))
+            return hooks[-1]
+
+        result = learner.train_round(task.round, progress, make_hook=make_hook)
         log.info("round %d: trained %d steps on %d examples in %.1fs (loss %.3f -> %.3f)", task.round, result.steps,
                  result.num_examples, result.seconds, result.loss_first, result.loss_last)
-        data = adapters.to_bytes(learner.adapter_state())
+        update = learner.adapter_state(task.round)  # the tensors this round trained (F-2stage)
+        sent_aux, new_state = hooks[0].finish(result.steps, learner.spec.train.lr)
+        expected = algorithm.expected_aux(update)
+        aux = {a: sent_aux[a] if a in sent_aux else torch.zeros_like(update[src]) for a, src in expected.items()}
+        if new_state:  # kept before the update exists, so a signed update in the outbox always has its state saved
+            self._save_algorithm_state(task.run_id, task.round, {**client_state, **new_state})
+        data = adapters.to_bytes(with_aux(update, aux))
         pending = self._sign_and_store(task, base.digest, data, result.num_examples)
         stub.ReportMetrics(pb.MetricsReport(
             run_id=task.run_id, round=task.round, kind="train",
@@ -208,8 +227,36 @@ class Agent:
 
         data = download_global(stub, info, self.state.downloads, progress)
         learner = self.learner(task.task_spec_json)
-        learner.load_adapter_state(adapters.from_bytes(data))
+        tensors, self._global_aux = split_aux(adapters.from_bytes(data))
+        learner.load_adapter_state(tensors)
         return learner
+
+    # -- the algorithm's client state (e.g. SCAFFOLD's c_i) ---------------------------------------------------
+    def _algorithm_state(self, run_id: str, round_index: int) -> dict:
+        """The state saved by the latest earlier round of this run (empty at first). A round retrained after a
+        crash reads the state from before it, not the one it may already have written."""
+        earlier = [(n, p) for n, p in self._algorithm_state_files(run_id) if n < round_index]
+        return dict(adapters.iter_file_tensors(max(earlier)[1])) if earlier else {}
+
+    def _save_algorithm_state(self, run_id: str, round_index: int, state: dict) -> None:
+        """Write atomically; keep only this round's file and the latest earlier one of this run."""
+        self.algorithm_state_dir.mkdir(parents=True, exist_ok=True)
+        target = self.algorithm_state_dir / f"{run_id}.r{round_index}.safetensors"
+        adapters.save_file_atomic(state, target)
+        earlier = [(n, p) for n, p in self._algorithm_state_files(run_id) if n < round_index]
+        keep = {target.name} | ({max(earlier)[1].name} if earlier else set())
+        for path in self.algorithm_state_dir.glob("*.safetensors"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def _algorithm_state_files(self, run_id: str) -> list[tuple[int, Path]]:
+        prefix = f"{run_id}.r"
+        out = []
+        for path in self.algorithm_state_dir.glob(f"{prefix}*.safetensors"):
+            number = path.name[len(prefix):-len(".safetensors")]
+            if number.isdigit():
+                out.append((int(number), path))
+        return out
 
     def _report_eval(self, stub, task, learner) -> None:
         self.activity.set(pb.CLIENT_STATE_EVALUATING, f"global of round {task.round - 1}")
@@ -243,6 +290,9 @@ class Agent:
             log.warning("round %d: update refused by the coordinator: %s: %s", pending.manifest.round,
                         exc.code().name, exc.details())
             self.outbox.remove(pending)
+            # The server did not count this round: the algorithm state goes back to the previous round's.
+            self.algorithm_state_dir.joinpath(
+                f"{pending.manifest.run_id}.r{pending.manifest.round}.safetensors").unlink(missing_ok=True)
             return
         self.outbox.remove(pending)
         log.info("round %d: update %s accepted (sent %d of %d bytes, resumed from %d)", pending.manifest.round,

@@ -26,7 +26,8 @@ def _device(choice: str) -> str:
 def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDVLM_COORDINATOR",
                                         help="HOST:PORT of the coordinator's federation port."),
         data: Path = typer.Option(..., "--data", envvar="FEDVLM_DATA",
-                                  help="This site's data folder (train.json, test.json, images)."),
+                                  help="This site's data: a folder (train.json, test.json, images), a FedVLMBench "
+                                  "client JSON file or a Hugging Face save_to_disk folder."),
         join_token: str = typer.Option("", "--join-token", envvar="FEDVLM_JOIN_TOKEN",
                                        help="One-time token from `fedvlm-coord enroll` (first start only)."),
         state: Path = typer.Option(Path("fedvlm-site"), "--state", envvar="FEDVLM_STATE",
@@ -41,8 +42,8 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
     setup_logging(log_level)
     from .agent import Agent, FatalError  # imports torch: after the cheap checks, so --help and errors are fast
 
-    if not data.is_dir():
-        typer.echo(f"error: --data {data} is not a directory", err=True)
+    if not (data.is_dir() or (data.is_file() and data.suffix == ".json")):
+        typer.echo(f"error: --data {data} is not a directory or a .json file", err=True)
         raise typer.Exit(2)
     state_dir = StateDir(state)
     identity = state_dir.load()

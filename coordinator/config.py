@@ -152,4 +152,8 @@ dropout = 0.05
 local_epochs = 1.0
 batch_size = 8
 lr = 0.001
+
+[task.algorithm]           # docs/algorithms.md
+name = "fedavg"            # fedavg | fedprox | scaffold | fedavgm | fedadagrad | fedyogi | fedadam
+aggregator = "mean"        # mean | median | trimmed_mean | krum
 """

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from fedvlm import adapters
+from fedvlm.algorithms.base import split_aux
 from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord
 
@@ -41,7 +42,7 @@ def export_global(store: Store, blobs: BlobStore, signer_cert, number: int | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = dict(adapters.iter_file_tensors(path))
+        tensors, _ = split_aux(dict(adapters.iter_file_tensors(path)))  # aux tensors (e.g. SCAFFOLD's c) stay here
         adapters.save_file_atomic(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         config = json.loads(run.adapter_config)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from cryptography import x509
 
 from fedvlm import adapters
 from fedvlm.adapters import AdapterError
+from fedvlm.algorithms.base import AUX_PREFIX, build
 from fedvlm.security import signing
 from fedvlm.security.signing import SignatureError, UpdateManifest
+from fedvlm.spec import TaskSpec
 
 from .blobs import BlobStore, file_sha256
 from .errors import Refused
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Received bytes are made durable (fsync + offset committed) every CHECKPOINT_BYTES or CHECKPOINT_SECONDS,
 # whichever comes first, and when a stream ends however it ends; a resume restarts from the last checkpoint.
-CHECKPOINT_BYTES = 8 << 20
+CHECKPOINT_BYTES = 32 << 20
 CHECKPOINT_SECONDS = 2.0
 
 
@@ -54,6 +57,7 @@ class Intake:
         self.on_accepted = on_accepted
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._stream_digests: dict[str, str] = {}  # upload_id -> SHA-256 of its complete part file
         uploads_dir.mkdir(parents=True, exist_ok=True)
 
     # -- announcing an upload -------------------------------------------------------------------------------
@@ -154,8 +158,13 @@ class Intake:
         position = committed
         pending = 0
         last = time.monotonic()
-        with open(part, "ab+") as fh:
+        hasher = hashlib.sha256()
+        in_flight: Future | None = None  # at most one checkpoint is made durable in the background
+        with open(part, "ab+") as fh, ThreadPoolExecutor(1, thread_name_prefix="intake-fsync") as syncer:
             fh.truncate(committed)  # anything past the committed offset was never acknowledged
+            fh.seek(0)
+            while block := fh.read(min(4 << 20, committed - fh.tell())):
+                hasher.update(block)  # a resumed upload: hash the durable prefix once, then only new bytes
             fh.seek(committed)
             try:
                 frame = first
@@ -168,20 +177,32 @@ class Intake:
                     if position + len(data) > size:
                         raise Refused("INVALID_ARGUMENT", f"more bytes than the {size} announced")
                     fh.write(data)
+                    hasher.update(data)  # releases the GIL for large buffers
                     position += len(data)
                     pending += len(data)
                     if pending >= CHECKPOINT_BYTES or time.monotonic() - last >= CHECKPOINT_SECONDS:
-                        committed = self._checkpoint(fh, upload_id, position)
+                        if in_flight is not None:
+                            committed = in_flight.result()
+                        fh.flush()  # the buffer belongs to this thread; only fsync + commit run in the background
+                        in_flight = syncer.submit(self._make_durable, fh.fileno(), upload_id, position)
                         pending, last = 0, time.monotonic()
                     frame = next(frames, None)
             finally:
+                if in_flight is not None:
+                    committed = in_flight.result()
                 if position != committed:
                     committed = self._checkpoint(fh, upload_id, position)
+        if committed == size:
+            self._stream_digests[upload_id] = hasher.hexdigest()
         return committed
 
     def _checkpoint(self, fh, upload_id: str, position: int) -> int:
         fh.flush()
-        os.fsync(fh.fileno())
+        return self._make_durable(fh.fileno(), upload_id, position)
+
+    def _make_durable(self, fd: int, upload_id: str, position: int) -> int:
+        """fsync the part file, then commit `position`: a committed offset only ever covers durable bytes."""
+        os.fsync(fd)
         with self.store.tx() as db:
             db.execute("UPDATE uploads SET received=? WHERE upload_id=?", (position, upload_id))
         return position
@@ -191,7 +212,8 @@ class Intake:
         part = self.part_path(row["upload_id"])
         manifest = UpdateManifest.from_json(row["manifest_json"])
         try:
-            digest = file_sha256(part)
+            # The digest computed while the bytes arrived (re-read from disk only if this process did not see them).
+            digest = self._stream_digests.pop(row["upload_id"], None) or file_sha256(part)
             if digest != manifest.sha256:
                 raise Refused("INVALID_ARGUMENT", "digest mismatch: the bytes are not the ones the manifest signed")
             run = self._check_round(manifest)
@@ -218,15 +240,25 @@ class Intake:
 
     def _check_tensors(self, part: Path, run: Run) -> None:
         try:
+            full = adapters.read_file_schema(part)
+            schema = {k: v for k, v in full.items() if not k.startswith(AUX_PREFIX)}
+            aux = {k[len(AUX_PREFIX):]: v for k, v in full.items() if k.startswith(AUX_PREFIX)}
+            if run.schema_json is None and aux:
+                raise AdapterError(f"the initial adapter must not carry {AUX_PREFIX} tensors")
             if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
-                schema = adapters.read_file_schema(part)
                 # An update may carry a subset of the global's tensors (e.g. one stage of F-2stage), but every
                 # update of a round must carry the same subset, so that they can be averaged.
                 adapters.check_schema(schema, adapters.schema_from_json(run.schema_json), allow_subset=True)
+                # Auxiliary tensors (e.g. SCAFFOLD's control-variate deltas) are exactly what the algorithm expects.
+                expected = build(TaskSpec.from_json(run.task_json).algorithm).expected_aux(schema)
+                try:
+                    adapters.check_schema(aux, {a: schema[src] for a, src in expected.items()})
+                except AdapterError as exc:
+                    raise AdapterError(f"auxiliary tensors ({AUX_PREFIX}...): {exc}") from exc
                 peer = self.store.one("SELECT digest FROM updates WHERE run_id=? AND round=? LIMIT 1",
                                       (run.run_id, run.round))
                 if peer is not None:
-                    adapters.check_schema(schema, adapters.read_file_schema(self.blobs.path(peer["digest"])))
+                    adapters.check_schema(full, adapters.read_file_schema(self.blobs.path(peer["digest"])))
             for name, tensor in adapters.iter_file_tensors(part):
                 adapters.check_finite({name: tensor})
         except AdapterError as exc:

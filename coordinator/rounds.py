@@ -21,15 +21,24 @@ from dataclasses import asdict
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from fedvlm import adapters
-from fedvlm.algorithms.fedavg import fedavg
+from fedvlm.algorithms.base import Algorithm, ClientUpdate, build, split_aux, with_aux
 from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord
+from fedvlm.spec import TaskSpec
 
 from .blobs import BlobStore
 from .config import FederationConfig
 from .store import Run, Store
 
 log = logging.getLogger(__name__)
+
+COORDINATOR_METRICS_CLIENT = "@coordinator"  # metrics rows of the server step (e.g. DP epsilon), kind "server"
+
+
+def algorithm_of(run: Run) -> Algorithm:
+    """The run's federated optimisation algorithm, from its task spec."""
+    return build(TaskSpec.from_json(run.task_json).algorithm)
+
 
 class RoundDriver:
     """Advances the current run; call `tick()` periodically or after `wake()`."""
@@ -106,8 +115,10 @@ class RoundDriver:
         tensors = dict(adapters.iter_file_tensors(path))
         schema = adapters.schema_to_json(adapters.schema_of(tensors))
         adapter_config = adapters.read_metadata(path).get(adapters.ADAPTER_CONFIG_METADATA)
+        state_ref = self._put_server_state(run, 0, algorithm_of(run).initial_state(tensors))
         with self.store.tx() as db:
             self._publish_global(db, run, 0, update["digest"], parent="", contributors=[update["digest"]])
+            db.execute("UPDATE runs SET server_state=? WHERE run_id=?", (state_ref, run.run_id))
             db.execute("UPDATE runs SET state='running', round=1, schema_json=?, adapter_config=? WHERE run_id=?",
                        (schema, adapter_config, run.run_id))
             db.execute("INSERT INTO rounds(run_id, round, phase, base_digest, started_at) VALUES (?,?,?,?,?)",
@@ -166,16 +177,28 @@ class RoundDriver:
 
     def _aggregate(self, run: Run, base_digest: str, accepted: list[str]) -> None:
         rows = self.store.accepted_updates(run.run_id, run.round)
-        streams = ((row["num_examples"], adapters.iter_file_tensors(self.blobs.path(row["digest"]))) for row in rows)
-        merged = dict(adapters.iter_file_tensors(self.blobs.path(base_digest)))
-        merged.update(fedavg(streams))  # tensors no update carries (a frozen stage) keep the base's values
+        algorithm = algorithm_of(run)
+        base, _ = split_aux(dict(adapters.iter_file_tensors(self.blobs.path(base_digest))))
+        updates = [ClientUpdate(row["num_examples"], self._loader(row["digest"])) for row in rows]
+        # The state saved with the previous global: a redone (interrupted) aggregation starts from the same state.
+        result = algorithm.aggregate(base, updates, self._server_state(run, algorithm, base), run.round)
+        merged = dict(base)
+        merged.update(result.tensors)  # tensors no update carries (a frozen stage) keep the base's values
+        merged = with_aux(merged, result.aux)
         metadata = {adapters.ADAPTER_CONFIG_METADATA: run.adapter_config} if run.adapter_config else None
         digest = self.blobs.put_bytes(adapters.to_bytes(merged, metadata))
+        state_ref = self._put_server_state(run, run.round, result.state)
         last = run.round == self.config.run.rounds
         now = time.time()
         with self.store.tx() as db:
             self._publish_global(db, run, run.round, digest, parent=base_digest,
                                  contributors=[row["digest"] for row in rows])
+            db.execute("UPDATE runs SET server_state=? WHERE run_id=?", (state_ref, run.run_id))
+            if result.metrics:
+                db.execute("INSERT OR REPLACE INTO metrics(run_id, round, client, kind, global_digest, metrics_json,"
+                           " reported_at) VALUES (?,?,?,?,?,?,?)",
+                           (run.run_id, run.round, COORDINATOR_METRICS_CLIENT, "server", digest,
+                            json.dumps(result.metrics, sort_keys=True), now))
             db.execute("UPDATE rounds SET phase='done', finished_at=?, global_digest=? WHERE run_id=? AND round=?",
                        (now, digest, run.run_id, run.round))
             if not last:
@@ -196,6 +219,24 @@ class RoundDriver:
                 db.execute("UPDATE runs SET state='done', finished_at=? WHERE run_id=?", (now, run.run_id))
         log.info("round %d/%d aggregated from %s -> global %s", run.round, self.config.run.rounds,
                  ", ".join(accepted), digest[:12])
+
+    def _loader(self, digest: str):
+        def load():
+            return split_aux(dict(adapters.iter_file_tensors(self.blobs.path(digest))))
+        return load
+
+    def _server_state(self, run: Run, algorithm: Algorithm, base: dict) -> dict:
+        """The server state stored with the latest global (a run created before states existed: a fresh one)."""
+        if not run.server_state:
+            return algorithm.initial_state(base)
+        ref = json.loads(run.server_state)
+        return adapters.from_bytes(self.blobs.read(ref["digest"])) if ref["digest"] else {}
+
+    def _put_server_state(self, run: Run, number: int, state: dict) -> str:
+        """Write the server state after round `number` as a content-addressed blob; returns the reference the
+        caller records in runs.server_state in the same transaction as that round's global."""
+        digest = self.blobs.put_bytes(adapters.to_bytes(state, {"fedvlm.run": run.run_id})) if state else ""
+        return json.dumps({"round": number, "digest": digest}, sort_keys=True)
 
     def _step_final_eval(self, run: Run) -> bool:
         rnd = self.store.round(run.run_id, run.round)

@@ -14,13 +14,24 @@ from .store import Store
 
 
 def weighted_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Example-weighted mean of per-site metric dicts (weight = their "num_examples", default 1)."""
-    total = sum(r.get("num_examples", 1.0) for r in rows)
-    if not rows or total <= 0:
-        return {}
-    keys = sorted({k for r in rows for k in r if k != "num_examples"})
-    out = {k: sum(r.get(k, 0.0) * r.get("num_examples", 1.0) for r in rows) / total for k in keys}
-    out["num_examples"] = total
+    """Example-weighted mean of per-site metric dicts, key by key, over the sites that report the key.
+
+    A key "task/metric" (multi-task runs) is weighted by that site's "task/num_examples", any other key by its
+    "num_examples" (default 1); the result carries the summed counts under the same names.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("num_examples"):
+                continue
+            count_key = f"{key.rsplit('/', 1)[0]}/num_examples" if "/" in key else "num_examples"
+            weight = row.get(count_key, row.get("num_examples", 1.0))
+            sums[key] = sums.get(key, 0.0) + value * weight
+            weights[key] = weights.get(key, 0.0) + weight
+    out = {key: sums[key] / weights[key] for key in sorted(sums) if weights[key] > 0}
+    for key in {k for row in rows for k in row if k.endswith("num_examples")}:
+        out[key] = sum(row.get(key, 0.0) for row in rows)
     return out
 
 
@@ -68,6 +79,8 @@ def _rounds(store: Store, run_id: str) -> list[dict[str, Any]]:
     evals: dict[int, list[dict[str, float]]] = {}
     for row in store.query("SELECT round, metrics_json FROM metrics WHERE run_id=? AND kind='eval'", (run_id,)):
         evals.setdefault(row["round"], []).append(json.loads(row["metrics_json"]))
+    server = {r["round"]: json.loads(r["metrics_json"]) for r in store.query(
+        "SELECT round, metrics_json FROM metrics WHERE run_id=? AND kind='server'", (run_id,))}
     counts = {r["round"]: r["n"] for r in store.query(
         "SELECT round, COUNT(*) AS n FROM updates WHERE run_id=? GROUP BY round", (run_id,))}
     rows = []
@@ -76,5 +89,6 @@ def _rounds(store: Store, run_id: str) -> list[dict[str, Any]]:
         rows.append({"round": g["round"], "phase": "done", "global_digest": g["digest"],
                      "num_updates": counts.get(g["round"], 0) if g["round"] else 0,
                      "eval_metrics": weighted_metrics(evals.get(g["round"], [])),
+                     "server_metrics": server.get(g["round"], {}),
                      "started_unix": rnd.started_at if rnd else g["created_at"], "finished_unix": g["created_at"]})
     return rows

@@ -81,6 +81,7 @@ class Run:
     adapter_config: str | None
     task_json: str
     config_json: str
+    server_state: str | None = None  # JSON {"round", "digest"}: the algorithm's state saved with the latest global
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class Store:
         if row is None:
             return None
         return Run(row["run_id"], row["state"], row["round"], row["init_client"], row["schema_json"],
-                   row["adapter_config"], row["task_json"], row["config_json"])
+                   row["adapter_config"], row["task_json"], row["config_json"], row["server_state"])
 
     def round(self, run_id: str, number: int) -> Round | None:
         row = self.one("SELECT * FROM rounds WHERE run_id=? AND round=?", (run_id, number))

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from fedvlm.algorithms.base import ClientHook
 from fedvlm.data.llava_json import Example, load_llava_json
+from fedvlm.data.sources import resolve_site_data
 from fedvlm.spec import TaskSpec
-from fedvlm.tasks import get_task
+from fedvlm.tasks import MULTITASK, get_task, score_mixed
 from fedvlm.train import TrainResult, generate_answers, train_local
 from fedvlm.vlm.loading import load_base, resolve_device
-from fedvlm.vlm.strategy import apply_strategy
+from fedvlm.vlm.strategy import apply_strategy, set_stage, stage_for_round, stage_keys
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +63,13 @@ class Learner:
         configure_threads()
         self.spec = spec
         self.device = resolve_device(device)
-        self.task = get_task(spec.task_type)
+        self.task = get_task(spec.task_type) if spec.task_type != MULTITASK else None
         self.data_dir = Path(data_dir) if data_dir is not None else None
         # Data first: a bad dataset should fail before minutes of model loading on a real model.
+        # data_dir: a site folder, a FedVLMBench client file or any train JSON (fedvlm.data.sources).
+        self._site_data = resolve_site_data(self.data_dir) if self.data_dir is not None else None
         self._examples = {split: self._load_split(split) for split in SPLIT_FILES}
-        self._data_digest = self._digest_train_file()
+        self._data_digest = self._site_data.train_digest() if self._site_data is not None else ""
         base, self.processor = load_base(spec.model, cache_dir=cache_dir, device=self.device)
         self.base_model_path = str(base.name_or_path)
         self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed)
@@ -78,17 +82,13 @@ class Learner:
 
     # ---- data -------------------------------------------------------------------------------------------------
     def _load_split(self, split: str) -> list[Example]:
-        if self.data_dir is None:
+        if self._site_data is None:
             return []
-        path = self.data_dir / SPLIT_FILES[split]
-        if split == "test" and not path.exists():
-            return []
-        return load_llava_json(path)
-
-    def _digest_train_file(self) -> str:
-        if self.data_dir is None or not (self.data_dir / "train.json").exists():
-            return ""
-        return hashlib.sha256((self.data_dir / "train.json").read_bytes()).hexdigest()
+        examples = self._site_data.load(split)
+        if self.task is None and any(ex.task is None for ex in examples):
+            missing = next(ex for ex in examples if ex.task is None)
+            raise ValueError(f"task_type multitask: record {missing.id!r} of the {split} split has no 'task' field")
+        return examples
 
     @property
     def num_train_examples(self) -> int:
@@ -120,13 +120,21 @@ class Learner:
 
         return get_peft_model_state_dict(self.model)
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors, keyed as in a PEFT ``adapter_model.safetensors``: CPU, float32, contiguous
-        copies (mutating them never touches the model)."""
-        return {
-            k: v.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
-            for k, v in self._peft_state().items()
-        }
+    def adapter_state(self, round_index: int | None = None) -> dict[str, torch.Tensor]:
+        """The adapter tensors, keyed as in a PEFT ``adapter_model.safetensors``: CPU, float32, contiguous
+        copies (mutating them never touches the model).
+
+        ``round_index=None``: every tensor of the adapter (the initial upload, which defines the global's schema,
+        and exports). With a round: only the tensors that round trains, i.e. the update to upload after
+        ``train_round(round_index)``; that is all of them except for F-2stage, whose update holds only the
+        connector before ``spec.switch_round`` and only the LoRA tensors from it on."""
+        state = self._peft_state()
+        keys = stage_keys(state, self.stage(round_index)) if round_index is not None else list(state)
+        return {k: state[k].detach().to(device="cpu", dtype=torch.float32).contiguous().clone() for k in keys}
+
+    def stage(self, round_index: int) -> str | None:
+        """F-2stage: ``"connector"`` or ``"lora"``, the part round ``round_index`` trains; None otherwise."""
+        return stage_for_round(self.spec.strategy, self.spec.switch_round, round_index)
 
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the trainable tensors from ``tensors``; the key set and every shape must match ``adapter_state()``
@@ -173,20 +181,32 @@ class Learner:
         key = f"{self.spec.seed}:{round_index}:{self._data_digest}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & ((1 << 63) - 1)
 
-    def train_round(self, round_index: int, progress: Callable[[int, int], None] | None = None) -> TrainResult:
+    def adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters (``requires_grad`` now) keyed by their adapter tensor name (as in
+        ``adapter_state()``): what an algorithm's client hook (fedvlm.algorithms) reads and corrects."""
+        by_storage = {p.data_ptr(): p for p in self.model.parameters() if p.requires_grad}
+        return {k: by_storage[v.data_ptr()] for k, v in self._peft_state().items() if v.data_ptr() in by_storage}
+
+    def train_round(self, round_index: int, progress: Callable[[int, int], None] | None = None,
+                    make_hook: Callable[[dict[str, torch.nn.Parameter]], ClientHook] | None = None) -> TrainResult:
         """Train the adapter in place for one round (``spec.train``) on ``train.json``.
 
         Reproducible: the shuffle and dropout are seeded by (spec.seed, round_index, digest of train.json).
-        A fresh optimizer every round. ``ValueError`` if the site has no training data.
+        A fresh optimizer every round; ``make_hook(adapter_parameters())``, called once the round's stage is set,
+        gives the algorithm's client hook (loss term, gradient correction). ``ValueError`` if no training data.
         """
         if not self._examples["train"]:
             raise ValueError("no training examples (Learner was built without data_dir or train.json is empty)")
+        set_stage(self.model, self.stage(round_index))  # F-2stage: freeze the part this round does not train
         return train_local(self.model, self.processor, self._examples["train"], self.spec.train,
-                           seed=self._round_seed(round_index), progress=progress)
+                           seed=self._round_seed(round_index), progress=progress,
+                           hook=make_hook(self.adapter_parameters()) if make_hook is not None else None)
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Greedy generation (at most ``spec.train.max_new_tokens`` new tokens) on ``split``, parsed and scored by
-        the task: ``{"accuracy": fraction in [0, 1], "num_examples": n}``. ``ValueError`` if the split is empty."""
+        the task (``fedvlm.tasks``): e.g. ``{"accuracy", "num_examples"}`` for classification, BLEU/ROUGE-L/CIDEr
+        for captioning, mIoU for grounding; prefixed per task for multi-task data. ``ValueError`` if the split is
+        empty."""
         if split not in SPLIT_FILES:
             raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLIT_FILES)})")
         examples = self._examples[split]
@@ -205,6 +225,8 @@ class Learner:
     def _score(self, examples: list[Example], label: str) -> dict[str, float]:
         train = self.spec.train
         answers = generate_answers(self.model, self.processor, examples, train.eval_batch_size, train.max_new_tokens)
-        metrics = self.task.score(answers, [ex.answer for ex in examples])
+        # A record's own ``task`` field wins over the spec's task type (multi-task data).
+        tasks = [ex.task or self.spec.task_type for ex in examples]
+        metrics = score_mixed(tasks, answers, [ex.answer for ex in examples])
         logger.info("evaluate %s: %s (first answers %s)", label, metrics, answers[:3])
         return metrics

@@ -59,20 +59,97 @@ class TrainSpec:
         _require(self.max_new_tokens >= 1, "task.train.max_new_tokens", "must be >= 1")
 
 
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """The federated optimisation algorithm and its server-side aggregation (docs/algorithms.md).
+
+    Hyper-parameters of algorithms other than ``name`` are ignored. ``aggregator`` replaces the weighted mean of
+    the sites' deltas; ``clip_norm`` > 0 clips every site's delta to that L2 norm first; ``dp_noise_multiplier``
+    > 0 adds central Gaussian noise (needs ``clip_norm`` and the mean aggregator).
+    """
+
+    name: str = "fedavg"
+    aggregator: str = "mean"
+    mu: float = 0.01  # FedProx proximal weight
+    server_lr: float = 1.0  # FedAvgM, SCAFFOLD: global step size
+    server_momentum: float = 0.9  # FedAvgM
+    scaffold_clients: int = 0  # SCAFFOLD N (all sites of the federation); 0 = the sites of each round
+    eta: float = 1e-3  # FedAdagrad / FedYogi / FedAdam server learning rate
+    tau: float = 1e-3  # adaptivity (epsilon) of the adaptive server optimizers
+    beta1: float = 0.9
+    beta2: float = 0.99
+    trim_ratio: float = 0.2  # trimmed_mean: fraction cut at each end per coordinate
+    krum_byzantine: int = 1  # krum: f, the number of faulty sites tolerated
+    krum_select: int = 1  # krum: m, how many best-scored updates are averaged (1 = Krum, >1 = multi-Krum)
+    clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+    lora_exact: bool = False  # aggregate LoRA products B·A and re-factorise to rank r (SVD)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.lora_exact, bool), "task.algorithm.lora_exact", "must be true or false")
+        _require(self.name in ALGORITHMS, "task.algorithm.name", f"must be one of {', '.join(ALGORITHMS)}")
+        _require(self.aggregator in AGGREGATORS, "task.algorithm.aggregator",
+                 f"must be one of {', '.join(AGGREGATORS)}")
+        _require(self.mu >= 0, "task.algorithm.mu", "must be >= 0")
+        _require(self.server_lr > 0, "task.algorithm.server_lr", "must be > 0")
+        _require(0 <= self.server_momentum < 1, "task.algorithm.server_momentum", "must be in [0, 1)")
+        _require(self.scaffold_clients >= 0, "task.algorithm.scaffold_clients", "must be >= 0")
+        _require(self.eta > 0, "task.algorithm.eta", "must be > 0")
+        _require(self.tau > 0, "task.algorithm.tau", "must be > 0")
+        _require(0 <= self.beta1 < 1, "task.algorithm.beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "task.algorithm.beta2", "must be in [0, 1)")
+        _require(0 <= self.trim_ratio < 0.5, "task.algorithm.trim_ratio", "must be in [0, 0.5)")
+        _require(self.krum_byzantine >= 0, "task.algorithm.krum_byzantine", "must be >= 0")
+        _require(self.krum_select >= 1, "task.algorithm.krum_select", "must be >= 1")
+        _require(self.clip_norm >= 0, "task.algorithm.clip_norm", "must be >= 0")
+        _require(self.dp_noise_multiplier >= 0, "task.algorithm.dp_noise_multiplier", "must be >= 0")
+        _require(0 < self.dp_delta < 1, "task.algorithm.dp_delta", "must be in (0, 1)")
+        if self.dp_noise_multiplier > 0:
+            _require(self.clip_norm > 0, "task.algorithm.clip_norm", "must be > 0 when dp_noise_multiplier is set")
+            _require(self.aggregator == "mean", "task.algorithm.aggregator",
+                     "must be mean when dp_noise_multiplier is set")
+        if self.lora_exact:
+            _require(self.name in ("fedavg", "fedprox") and self.aggregator == "mean",
+                     "task.algorithm.lora_exact", "needs name fedavg or fedprox and the mean aggregator")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Model, strategy, task type and training recipe of a run."""
 
     model: str = "tiny-llava"  # a built-in preset name, or "hf:<hub id or local path>"
     strategy: str = "F-CL"
-    task_type: str = "classification"
+    # F-2stage only: rounds 1..switch_round-1 train the connector, rounds >= switch_round the LM LoRA (0 = unset).
+    switch_round: int = 0
+    task_type: str = "classification"  # classification | vqa | captioning | grounding | multitask (docs/data.md)
+    # Grounding answers: "xyxy-pixel" = [x_min, y_min, x_max, y_max] in image pixels, top-left origin, max exclusive;
+    # "xyxy-1000" = the same scaled to integers in [0, 1000] per axis (fedvlm.tasks.grounding).
+    box_format: str = "xyxy-pixel"
     seed: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and self.model != "", "task.model", "must be a preset or hf:<id>")
         _require(self.strategy in STRATEGIES, "task.strategy", f"must be one of {', '.join(STRATEGIES)}")
+        _require(isinstance(self.switch_round, int) and not isinstance(self.switch_round, bool),
+                 "task.switch_round", "must be an integer")
+        if self.strategy == "F-2stage":
+            _require(self.switch_round >= 2, "task.switch_round",
+                     "F-2stage needs switch_round >= 2 (rounds before it train the connector, from it on the LoRA)")
+        else:
+            _require(self.switch_round == 0, "task.switch_round", "only used by strategy F-2stage (leave it unset)")
+        from fedvlm.tasks import TASK_TYPES
+        from fedvlm.tasks.grounding import BOX_FORMATS
+
+        _require(self.task_type in TASK_TYPES, "task.task_type", f"must be one of {', '.join(TASK_TYPES)}")
+        _require(self.box_format in BOX_FORMATS, "task.box_format", f"must be one of {', '.join(BOX_FORMATS)}")
         _require(isinstance(self.seed, int), "task.seed", "must be an integer")
 
     def to_json(self) -> str:
@@ -89,7 +166,8 @@ class TaskSpec:
         raw = dict(raw)
         lora = _sub(LoraSpec, raw.pop("lora", {}), "task.lora")
         train = _sub(TrainSpec, raw.pop("train", {}), "task.train")
-        top = _sub(cls, raw, "task", lora=lora, train=train)
+        algorithm = _sub(AlgorithmSpec, raw.pop("algorithm", {}), "task.algorithm")
+        top = _sub(cls, raw, "task", lora=lora, train=train, algorithm=algorithm)
         return top
 
 

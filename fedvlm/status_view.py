@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console, Group
 from rich.table import Table
 
+from fedvlm.tasks import primary_metric
+
 
 def headline(status: dict[str, Any]) -> str:
     """One line: run, state, round k of N, phase, time to the deadline, updates against quorum."""
@@ -54,11 +56,16 @@ def client_table(status: dict[str, Any]) -> Table:
 
 def rounds_table(status: dict[str, Any]) -> Table:
     table = Table(title="global versions")
-    for col in ("round", "global", "updates", "accuracy", "eval examples"):
+    dp = any("dp_epsilon" in r.get("server_metrics", {}) for r in status.get("rounds", []))
+    for col in ("round", "global", "updates", "eval metric", "eval examples") + (("DP epsilon",) if dp else ()):
         table.add_column(col, justify="right")
     for r in status.get("rounds", []):
         m = r.get("eval_metrics", {})
-        acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
+        headline_metric = primary_metric(m)  # accuracy, else CIDEr, else mIoU (fedvlm.tasks)
+        acc = f"{headline_metric[0]}={headline_metric[1]:.3f}" if headline_metric else "-"
+        server = r.get("server_metrics", {})
+        extra = (f"{server['dp_epsilon']:.3g} at {server.get('dp_delta', 0):.0e}" if "dp_epsilon" in server
+                 else "-",) if dp else ()
         table.add_row(str(r.get("round", 0)), r.get("global_digest", "")[:12], str(r.get("num_updates", 0)), acc,
-                      str(int(m.get("num_examples", 0))) if m else "-")
+                      str(int(m.get("num_examples", 0))) if m else "-", *extra)
     return table

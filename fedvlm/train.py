@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedvlm.algorithms.base import ClientHook
 from fedvlm.data.collate import generation_batch, training_batch
 from fedvlm.data.llava_json import Example
 from fedvlm.spec import TrainSpec
@@ -64,10 +65,13 @@ def train_local(
     train: TrainSpec,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    hook: ClientHook | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place on ``examples`` for one round.
 
     Guarantees: reproducible for a given ``seed`` (shuffle and dropout both derive from it); a fresh AdamW;
+    ``hook`` (fedvlm.algorithms) adds ``hook.loss_term()`` to the loss and runs ``hook.after_backward()`` before
+    clipping (the reported losses exclude the hook's term);
     gradients clipped to norm 1; ``progress(step, total)`` after every step (step counts from 1); the model is
     left in eval mode. ``loss_first``/``loss_last`` are the mean loss of the first/last ``k`` steps,
     ``k = max(1, min(10, steps // 4))``, so they are comparable without being single noisy batches.
@@ -86,8 +90,11 @@ def train_local(
         batch = training_batch(processor, [examples[i] for i in indices])
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = model(**batch).loss
+        extra = hook.loss_term() if hook is not None else None  # e.g. FedProx's proximal term
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if extra is None else loss + extra).backward()
+        if hook is not None:
+            hook.after_backward()  # e.g. SCAFFOLD's control-variate correction
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
         optimizer.step()
         losses.append(loss.item())

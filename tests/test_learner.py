@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,40 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedvlm.data.collate import training_batch
-from fedvlm.data.digits import build_digits
 from fedvlm.learner import Learner
 from fedvlm.spec import TaskSpec, TrainSpec
 from fedvlm.train import batch_schedule
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from intra-op threads, and they crawl when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def fedvlm_cache(tmp_path_factory) -> Path:
-    """One preset cache per test session (same path as in test_vlm_presets), exported as FEDVLM_CACHE."""
-    cache = tmp_path_factory.getbasetemp() / "fedvlm-cache"
-    old = os.environ.get("FEDVLM_CACHE")
-    os.environ["FEDVLM_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("FEDVLM_CACHE", None)
-    else:
-        os.environ["FEDVLM_CACHE"] = old
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.getbasetemp() / "digits"
-    if not (out / "test.json").exists():
-        build_digits(out)
-    return out
 
 
 def spec(**train) -> TaskSpec:

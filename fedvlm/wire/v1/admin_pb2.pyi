@@ -38,8 +38,15 @@ class ClientStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., last_heartbeat_unix: _Optional[float] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., sampled: _Optional[bool] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "phase", "global_digest", "num_updates", "eval_metrics", "started_unix", "finished_unix")
+    __slots__ = ("round", "phase", "global_digest", "num_updates", "eval_metrics", "started_unix", "finished_unix", "server_metrics")
     class EvalMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ServerMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +60,7 @@ class RoundStatus(_message.Message):
     EVAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
     FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SERVER_METRICS_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: str
     global_digest: str
@@ -60,7 +68,8 @@ class RoundStatus(_message.Message):
     eval_metrics: _containers.ScalarMap[str, float]
     started_unix: float
     finished_unix: float
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ...) -> None: ...
+    server_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., server_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class FederationStatus(_message.Message):
     __slots__ = ("federation_id", "run_id", "run_state", "round", "total_rounds", "phase", "deadline_unix", "quorum", "sampled", "accepted", "clients", "rounds", "now_unix", "live")
