@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -253,20 +254,6 @@ def child(folder: Path, index: Path, k: int, out: Path, aggregator: str, phases:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-
-def machine_info() -> dict:
-    import safetensors
-    import torch
-
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem_kb / (1 << 20), 1),
-            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
-            "safetensors": safetensors.__version__, "torch_threads": torch.get_num_threads()}
-
 
 PHASES = {
     "fedavg_fn": "fedavg() over iter_file_tensors",

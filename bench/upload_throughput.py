@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.8
@@ -289,22 +290,6 @@ def server_phases(payload: Path, init_payload: Path, work: Path, repeats: int) -
 
 
 # ---------------------------------------------------------------------------------------------------- report
-
-def machine_info() -> dict:
-    import grpc
-    import safetensors
-    import torch
-
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem_kb / (1 << 20), 1),
-            "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
-            "grpcio": grpc.__version__, "safetensors": safetensors.__version__,
-            "torch_threads": torch.get_num_threads()}
-
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
