@@ -65,8 +65,10 @@ class Activity:
 
 class Agent:
     def __init__(self, coordinator: str, identity: Identity, state: StateDir, data_dir: Path,
-                 device: str = "cpu", cache_dir: Path | None = None, max_upload_rate: float = 0.0) -> None:
+                 device: str = "cpu", cache_dir: Path | None = None, max_upload_rate: float = 0.0,
+                 lora_rank: int = 0) -> None:
         self.coordinator = coordinator
+        self.lora_rank = lora_rank  # site-local LoRA rank (0 = the task's); needs task.algorithm.lora_exact
         self.identity = identity
         self.state = state
         self.outbox = Outbox(state.outbox)
@@ -76,7 +78,7 @@ class Agent:
         self.max_upload_rate = max_upload_rate
         self.activity = Activity()
         self._learner = None
-        self._learner_spec: str | None = None
+        self._learner_key: tuple[str, int] | None = None
         self._poll_interval = 1.0
         self._contacted = False
         self._global_aux: dict = {}  # aux tensors of the last global loaded (e.g. SCAFFOLD's server control variate)
@@ -151,22 +153,33 @@ class Agent:
             self.activity.set(pb.CLIENT_STATE_IDLE)
 
     # -- actions ---------------------------------------------------------------------------------------------
-    def learner(self, spec_json: str):
-        """The resident model for this task spec (rebuilt only when the spec changes)."""
-        if self._learner is None or self._learner_spec != spec_json:
+    def learner(self, spec_json: str, initial: bool = False):
+        """The resident model for this task spec (rebuilt only when the spec or the LoRA rank changes).
+
+        ``initial``: for the initial adapter, which defines the global's schema, always at the task's LoRA rank;
+        otherwise at this site's ``--lora-rank`` (refused unless the task aggregates LoRA exactly)."""
+        spec = TaskSpec.from_json(spec_json)
+        rank = 0 if initial or self.lora_rank == spec.lora.r else self.lora_rank
+        if rank and not spec.algorithm.lora_exact:
+            raise FatalError(f"--lora-rank {rank} (the task's rank is {spec.lora.r}) needs a run with "
+                             "task.algorithm.lora_exact = true: plain averaging of lora_A and lora_B needs equal "
+                             "ranks; restart without --lora-rank")
+        if self._learner is None or self._learner_key != (spec_json, rank):
             from fedvlm.learner import Learner
 
-            spec = TaskSpec.from_json(spec_json)
-            log.info("building model %s (%s) on %s", spec.model, spec.strategy, self.device)
-            self._learner = Learner(spec, self.data_dir, device=self.device, cache_dir=self.cache_dir)
-            self._learner_spec = spec_json
+            self._learner = None  # free the previous model before building the next one
+            log.info("building model %s (%s, LoRA rank %d%s) on %s", spec.model, spec.strategy, rank or spec.lora.r,
+                     " site-local" if rank else "", self.device)
+            self._learner = Learner(spec, self.data_dir, device=self.device, cache_dir=self.cache_dir,
+                                    lora_rank=rank)
+            self._learner_key = (spec_json, rank)
             log.info("local data: %d train / %d test examples", self._learner.num_train_examples,
                      self._learner.num_test_examples)
         return self._learner
 
     def _init(self, stub, task) -> None:
         self.activity.set(pb.CLIENT_STATE_TRAINING, "building the initial adapter")
-        learner = self.learner(task.task_spec_json)
+        learner = self.learner(task.task_spec_json, initial=True)  # the task's rank: it defines the schema
         pending = self.outbox.get(task.run_id, 0)
         if pending is None:
             metadata = {adapters.ADAPTER_CONFIG_METADATA: json.dumps(learner.adapter_config(), sort_keys=True)}
@@ -228,7 +241,7 @@ class Agent:
         data = download_global(stub, info, self.state.downloads, progress)
         learner = self.learner(task.task_spec_json)
         tensors, self._global_aux = split_aux(adapters.from_bytes(data))
-        learner.load_adapter_state(tensors)
+        learner.load_global_state(tensors, task.round)  # re-factorised to a site-local --lora-rank
         return learner
 
     # -- the algorithm's client state (e.g. SCAFFOLD's c_i) ---------------------------------------------------

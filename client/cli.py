@@ -37,6 +37,13 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
         max_upload_rate: float = typer.Option(0.0, "--max-upload-rate",
                                               help="Upload bandwidth cap in MB/s (0 = unlimited)."),
         threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0 = torch's default)."),
+        lora_rank: int = typer.Option(
+            0, "--lora-rank", min=0, envvar="FEDVLM_LORA_RANK",
+            help="Site-local LoRA rank (0 = the task's task.lora.r), e.g. lower for a site with less memory or "
+            "compute. Only for runs with task.algorithm.lora_exact = true (refused otherwise): each global is "
+            "re-factorised to this rank on download (the best rank-R approximation of B·A below the global's rank, "
+            "exact above it) and the coordinator averages the products B·A. The initial adapter is always built "
+            "at the task's rank."),
         log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Join the federation (enrolling with the token the first time), then train rounds until the run ends."""
     setup_logging(log_level)
@@ -62,7 +69,7 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
         if cache:
             os.environ["FEDVLM_CACHE"] = str(cache)
         Agent(coordinator, identity, state_dir, data, _device(device), cache,
-              max_upload_rate * 1e6).run()
+              max_upload_rate * 1e6, lora_rank=lora_rank).run()
     except (EnrollmentError, FatalError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -21,6 +21,7 @@ from cryptography import x509
 from fedvlm import adapters
 from fedvlm.adapters import AdapterError
 from fedvlm.algorithms.base import AUX_PREFIX, build
+from fedvlm.algorithms.lora_exact import rank_flexible_schema
 from fedvlm.security import signing
 from fedvlm.security.signing import SignatureError, UpdateManifest
 from fedvlm.spec import TaskSpec
@@ -246,11 +247,15 @@ class Intake:
             if run.schema_json is None and aux:
                 raise AdapterError(f"the initial adapter must not carry {AUX_PREFIX} tensors")
             if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
+                algorithm = TaskSpec.from_json(run.task_json).algorithm
+                expected_schema = adapters.schema_from_json(run.schema_json)
+                if algorithm.lora_exact:  # sites may train their own LoRA rank (products are averaged)
+                    expected_schema = rank_flexible_schema(schema, expected_schema)
                 # An update may carry a subset of the global's tensors (e.g. one stage of F-2stage), but every
                 # update of a round must carry the same subset, so that they can be averaged.
-                adapters.check_schema(schema, adapters.schema_from_json(run.schema_json), allow_subset=True)
+                adapters.check_schema(schema, expected_schema, allow_subset=True)
                 # Auxiliary tensors (e.g. SCAFFOLD's control-variate deltas) are exactly what the algorithm expects.
-                expected = build(TaskSpec.from_json(run.task_json).algorithm).expected_aux(schema)
+                expected = build(algorithm).expected_aux(schema)
                 try:
                     adapters.check_schema(aux, {a: schema[src] for a, src in expected.items()})
                 except AdapterError as exc:
@@ -258,7 +263,11 @@ class Intake:
                 peer = self.store.one("SELECT digest FROM updates WHERE run_id=? AND round=? LIMIT 1",
                                       (run.run_id, run.round))
                 if peer is not None:
-                    adapters.check_schema(full, adapters.read_file_schema(self.blobs.path(peer["digest"])))
+                    peer_schema = adapters.read_file_schema(self.blobs.path(peer["digest"]))
+                    if algorithm.lora_exact:  # the same tensor names; LoRA ranks may differ between sites
+                        _check_same_names(full, peer_schema)
+                    else:
+                        adapters.check_schema(full, peer_schema)
             for name, tensor in adapters.iter_file_tensors(part):
                 adapters.check_finite({name: tensor})
         except AdapterError as exc:
@@ -275,3 +284,12 @@ class Intake:
     def _lock_for(self, upload_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(upload_id, threading.Lock())
+
+
+def _check_same_names(actual: adapters.Schema, peer: adapters.Schema) -> None:
+    """The tensor names of an update must be those of the round's other updates (shapes were checked against the
+    global's schema already, with per-site LoRA ranks)."""
+    missing, unexpected = sorted(peer.keys() - actual.keys()), sorted(actual.keys() - peer.keys())
+    if missing or unexpected:
+        raise AdapterError("adapter schema mismatch: the round's updates carry another set of tensors (missing: "
+                           f"{', '.join(missing[:5]) or '-'}; unexpected: {', '.join(unexpected[:5]) or '-'})")

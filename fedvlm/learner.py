@@ -58,9 +58,20 @@ class Learner:
     """
 
     def __init__(
-        self, spec: TaskSpec, data_dir: Path | None, device: str = "cpu", cache_dir: Path | None = None
+        self, spec: TaskSpec, data_dir: Path | None, device: str = "cpu", cache_dir: Path | None = None,
+        lora_rank: int = 0,
     ) -> None:
+        """``lora_rank``: a site-local LoRA rank instead of ``spec.lora.r`` (0 = the spec's), for sites with less
+        memory or compute. Needs ``task.algorithm.lora_exact`` (averaging A and B separately needs equal ranks);
+        the adapter then differs from the global's schema: load a global with ``load_global_state``. The site that
+        builds the initial adapter must use the spec's rank (that adapter defines the global's schema)."""
         configure_threads()
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = the task's rank), got {lora_rank}")
+        if lora_rank and lora_rank != spec.lora.r and not spec.algorithm.lora_exact:
+            raise ValueError(f"a site-local LoRA rank ({lora_rank}, the task's is {spec.lora.r}) needs "
+                             "task.algorithm.lora_exact = true: plain averaging of lora_A and lora_B needs equal ranks")
+        self.lora_rank = lora_rank or spec.lora.r
         self.spec = spec
         self.device = resolve_device(device)
         self.task = get_task(spec.task_type) if spec.task_type != MULTITASK else None
@@ -72,7 +83,7 @@ class Learner:
         self._data_digest = self._site_data.train_digest() if self._site_data is not None else ""
         base, self.processor = load_base(spec.model, cache_dir=cache_dir, device=self.device)
         self.base_model_path = str(base.name_or_path)
-        self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed)
+        self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed, rank=self.lora_rank)
         self.model.to(self.device)
         self._schema = {k: (tuple(v.shape), v.dtype) for k, v in self._peft_state().items()}
         logger.info(
@@ -161,6 +172,17 @@ class Learner:
         leftover = [k for k in getattr(result, "unexpected_keys", []) if k.startswith("base_model.")]
         if leftover:  # pragma: no cover - guarded by the schema check
             raise ValueError(f"PEFT did not place adapter tensors: {', '.join(leftover[:10])}")
+
+    def load_global_state(self, tensors: dict[str, torch.Tensor], round_index: int = 0) -> None:
+        """``load_adapter_state`` for a global: with a site-local ``lora_rank``, each LoRA pair of another rank is
+        first re-factorised to this site's rank (best approximation of B·A below the global's rank, B·A unchanged
+        above it, the extra directions padded with seeded noise in A: ``lora_exact.fit_lora_ranks``)."""
+        if self.lora_rank != self.spec.lora.r:
+            from fedvlm.algorithms.lora_exact import fit_lora_ranks, lora_ranks
+
+            ranks = lora_ranks({k: shape for k, (shape, _) in self._schema.items()})
+            tensors = fit_lora_ranks(tensors, ranks, seed=self._round_seed(round_index))
+        self.load_adapter_state(tensors)
 
     def adapter_config(self) -> dict:
         """The ``adapter_config.json`` content ``PeftModel.save_pretrained`` writes for this model

@@ -335,3 +335,80 @@ def test_exact_lora_aggregation_of_sites_with_different_ranks():
     assert out["m.lora_A.weight"].shape == (3, 6) and out["m.lora_B.weight"].shape == (5, 3)
     assert torch.allclose(out["m.lora_B.weight"] @ out["m.lora_A.weight"], (b1 @ a1 + b2 @ a2).double() / 2,
                           atol=1e-6)
+
+
+# -- heterogeneous LoRA ranks --------------------------------------------------------------------------------
+def best_rank_approximation(product: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(product.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def test_refactorising_a_pair_to_a_lower_or_higher_rank():
+    from fedvlm.algorithms.lora_exact import fit_lora_ranks, refactorise_pair
+
+    g = torch.Generator().manual_seed(5)
+    b, a = torch.randn(12, 8, generator=g), torch.randn(8, 10, generator=g)  # a rank-8 global pair
+    product = b.double() @ a.double()
+    low_b, low_a = refactorise_pair(b, a, 4)  # lower: the best rank-4 approximation (Eckart-Young)
+    assert low_b.shape == (12, 4) and low_a.shape == (4, 10) and low_b.dtype == torch.float32
+    assert torch.allclose(low_b.double() @ low_a.double(), best_rank_approximation(product, 4), atol=1e-4)
+    high_b, high_a = refactorise_pair(b, a, 10, torch.Generator().manual_seed(0))  # higher: B·A unchanged
+    assert high_b.shape == (12, 10) and high_a.shape == (10, 10)
+    assert torch.allclose(high_b.double() @ high_a.double(), product, atol=1e-4)
+    assert torch.equal(high_b[:, 8:], torch.zeros(12, 2)) and high_a[8:].abs().min() > 0  # trainable padding
+    # The initial adapter (B = 0): the product is zero at any rank, and every row of A is fresh seeded noise.
+    zero_b, noise_a = refactorise_pair(torch.zeros(12, 8), a, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(zero_b, torch.zeros(12, 4)) and noise_a.abs().min() > 0
+    again = refactorise_pair(torch.zeros(12, 8), a, 4, torch.Generator().manual_seed(0))[1]
+    assert torch.equal(noise_a, again) and noise_a.abs().max() <= 10 ** -0.5
+    # fit_lora_ranks touches only the pairs whose rank differs, and nothing else.
+    tensors = {"m.lora_A.weight": a, "m.lora_B.weight": b, "n.lora_A.weight": low_a, "n.lora_B.weight": low_b,
+               "head": t(1, 2)}
+    fitted = fit_lora_ranks(tensors, {"m.lora_A.weight": 4, "n.lora_A.weight": 4}, seed=1)
+    assert fitted["m.lora_A.weight"].shape == (4, 10)
+    assert all(fitted[k] is tensors[k] for k in ("n.lora_A.weight", "n.lora_B.weight", "head"))
+
+
+def test_exact_aggregation_of_a_rank_4_and_a_rank_8_site():
+    g = torch.Generator().manual_seed(6)
+    b4, a4 = torch.randn(12, 4, generator=g), torch.randn(4, 10, generator=g)
+    b8, a8 = torch.randn(12, 8, generator=g), torch.randn(8, 10, generator=g)
+    base = {"m.lora_A.weight": torch.zeros(8, 10), "m.lora_B.weight": torch.zeros(12, 8), "head": t(0, 0)}
+    ups = updates_of((1, {"m.lora_A.weight": a4, "m.lora_B.weight": b4, "head": t(1, 1)}),
+                     (3, {"m.lora_A.weight": a8, "m.lora_B.weight": b8, "head": t(5, 5)}))
+    out = build(AlgorithmSpec(lora_exact=True)).aggregate(base, ups, {}, 1).tensors
+    assert out["m.lora_A.weight"].shape == (8, 10) and out["m.lora_B.weight"].shape == (12, 8)  # the global's
+    mean = (b4.double() @ a4.double() + 3 * b8.double() @ a8.double()) / 4  # rank up to 10: truncated to 8
+    assert torch.allclose(out["m.lora_B.weight"].double() @ out["m.lora_A.weight"].double(),
+                          best_rank_approximation(mean, 8), atol=1e-4)
+    assert torch.allclose(out["head"], t(4, 4))
+
+
+def test_rank_flexible_schema_checks_each_pair():
+    from fedvlm.adapters import AdapterError, check_schema
+    from fedvlm.algorithms.lora_exact import rank_flexible_schema
+
+    glob = {"m.lora_A.weight": ((8, 10), "F32"), "m.lora_B.weight": ((12, 8), "F32"), "c.weight": ((3,), "F32")}
+    update = {"m.lora_A.weight": ((2, 10), "F32"), "m.lora_B.weight": ((12, 2), "F32"), "c.weight": ((3,), "F32")}
+    check_schema(update, rank_flexible_schema(update, glob))
+    for bad, match in (({"m.lora_A.weight": ((2, 11), "F32")}, "expected shapes"),
+                       ({"m.lora_B.weight": ((13, 2), "F32")}, "expected shapes"),
+                       ({"m.lora_B.weight": ((12, 3), "F32")}, "ranks differ"),
+                       ({"m.lora_A.weight": ((11, 10), "F32"), "m.lora_B.weight": ((12, 11), "F32")}, "outside")):
+        with pytest.raises(AdapterError, match=match):
+            rank_flexible_schema({**update, **bad}, glob)
+    for bad in ({"c.weight": ((4,), "F32")}, {"m.lora_A.weight": ((2, 10), "F16")}):  # the rest stays exact
+        with pytest.raises(AdapterError):
+            check_schema({**update, **bad}, rank_flexible_schema({**update, **bad}, glob))
+    half = {"m.lora_A.weight": ((2, 10), "F32")}  # half a pair of another rank: refused by the exact check
+    with pytest.raises(AdapterError, match="shape mismatch"):
+        check_schema(half, rank_flexible_schema(half, glob), allow_subset=True)
+
+
+def test_a_site_local_lora_rank_needs_exact_aggregation():
+    from fedvlm.learner import Learner
+
+    with pytest.raises(ValueError, match="lora_exact"):  # refused before any data or model is loaded
+        Learner(TaskSpec(), None, lora_rank=4)
+    with pytest.raises(ValueError, match=">= 0"):
+        Learner(TaskSpec(algorithm=AlgorithmSpec(lora_exact=True)), None, lora_rank=-1)

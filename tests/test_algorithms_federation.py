@@ -107,3 +107,46 @@ def test_algorithm_runs_in_the_real_federation(tmp_path, cache, case):
             if proc.poll() is None:
                 proc.kill()
         coord.kill()
+
+
+def test_sites_of_different_lora_ranks_with_exact_aggregation(tmp_path, cache):
+    """lora_exact: a `fedvlm-client --lora-rank 4` next to a default-rank (8) site for one round; the initial
+    adapter is built at the task's rank whichever site builds it, the rank-4 site uploads rank-4 factors and the
+    global keeps rank 8."""
+    layout = build_digits(tmp_path / "data", sites=2, seed=0)
+    for site in layout.site_dirs:
+        test = site / "test.json"
+        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
+    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=1, algorithm="lora_exact = true"))
+    coord.start()
+    clients = {}
+    try:
+        for i, data in enumerate(layout.site_dirs):
+            name = f"site-{i + 1}"
+            cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
+                   "--data", str(data), "--state", str(tmp_path / "sites" / name), "--device", "cpu",
+                   "--threads", "1", *(["--lora-rank", "4"] if i == 1 else [])]
+            with open(tmp_path / f"{name}.log", "wb") as log:
+                clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                 env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
+        wait_for(lambda: all(p.poll() is not None for p in clients.values()), 240, "the sites to finish")
+        for name, proc in clients.items():
+            assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+
+        def tensors(digest):
+            return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+
+        def ranks(adapter):
+            return {v.shape[0] for k, v in adapter.items() if k.endswith("lora_A.weight")}
+
+        globals_ = coord.query("SELECT round, digest FROM globals ORDER BY round")
+        assert [g["round"] for g in globals_] == [0, 1]
+        assert ranks(tensors(globals_[0]["digest"])) == {8} and ranks(tensors(globals_[1]["digest"])) == {8}
+        sent = {r["client"]: ranks(tensors(r["digest"]))
+                for r in coord.query("SELECT client, digest FROM updates WHERE round=1")}
+        assert sent == {"site-1": {8}, "site-2": {4}}
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()

@@ -123,7 +123,8 @@ def test_expired_join_token_is_refused(fed):
 
 
 @pytest.mark.parametrize("case", ["tampered", "bad-signature", "past-round", "wrong-base", "non-finite",
-                                  "wrong-keys", "wrong-shape", "wrong-dtype", "over-size", "other-client"])
+                                  "wrong-keys", "wrong-shape", "wrong-dtype", "over-size", "other-client",
+                                  "other-rank"])
 def test_bad_update_is_refused_without_state_change(fed, case):
     coord, sites, task, _ = fed
     site = sites["b"]
@@ -140,6 +141,8 @@ def test_bad_update_is_refused_without_state_change(fed, case):
         tensors["layer.lora_A.weight"] = tensors["layer.lora_A.weight"].half()
     elif case == "over-size":
         tensors["layer.lora_A.weight"] = torch.zeros(4, 8 * 1000)
+    elif case == "other-rank":  # a consistent rank-2 pair: only with task.algorithm.lora_exact
+        tensors = {"layer.lora_A.weight": torch.ones(2, 8), "layer.lora_B.weight": torch.ones(8, 2)}
     data = tensors_bytes(tensors)
     if case == "tampered":
         manifest = site.manifest(task, data)
@@ -161,6 +164,7 @@ def test_bad_update_is_refused_without_state_change(fed, case):
         "non-finite": grpc.StatusCode.INVALID_ARGUMENT, "wrong-keys": grpc.StatusCode.INVALID_ARGUMENT,
         "wrong-shape": grpc.StatusCode.INVALID_ARGUMENT, "wrong-dtype": grpc.StatusCode.INVALID_ARGUMENT,
         "over-size": grpc.StatusCode.RESOURCE_EXHAUSTED, "other-client": grpc.StatusCode.PERMISSION_DENIED,
+        "other-rank": grpc.StatusCode.INVALID_ARGUMENT,
     }[case]
     before = accepted_state(coord)
     try:
@@ -248,3 +252,65 @@ def test_partial_updates_average_their_tensors_and_carry_the_rest(fed):
     merged = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
     assert torch.equal(merged["layer.lora_A.weight"], torch.full((4, 8), 2.0))
     assert torch.equal(merged["layer.lora_B.weight"], base["layer.lora_B.weight"])
+
+
+def test_exact_lora_takes_updates_of_other_ranks(tmp_path):
+    """task.algorithm.lora_exact: a rank-2 and a rank-4 update for a rank-4 global are both accepted and the new
+    global is the rank-4 re-factorisation of the weighted mean of their products; a pair whose in/out dimension
+    differs from the global's is still refused without any state change."""
+    coord = Coordinator(tmp_path / "coord", CONFIG + "[task.algorithm]\nlora_exact = true\n")
+    coord.start()
+    sites = {name: RawSite(coord, name, tmp_path) for name in ("a", "b")}
+    try:
+        first = sites["a"].poll()
+        assert first.action == pb.ACTION_INIT, first
+        data = tensors_bytes(init_tensors(), {adapters.ADAPTER_CONFIG_METADATA: json.dumps({"peft_type": "LORA"})})
+        sites["a"].send(sites["a"].manifest(first, data), data)
+        wait_for(lambda: coord.count("globals") == 1, 30, "global 0")
+        tasks = {}
+
+        def both_assigned():  # both sites keep polling: the round opens once both are live
+            for name, site in sites.items():
+                if (task := site.poll()).action == pb.ACTION_TRAIN:
+                    tasks[name] = task
+            return len(tasks) == 2
+
+        wait_for(both_assigned, 30, "round 1 to open for a and b")
+        g = torch.Generator().manual_seed(7)
+
+        def pair(rank):
+            return {"layer.lora_A.weight": torch.randn(rank, 8, generator=g),
+                    "layer.lora_B.weight": torch.randn(8, rank, generator=g)}
+
+        low, full = pair(2), pair(4)
+        data = tensors_bytes(low)
+        sites["a"].send(sites["a"].manifest(tasks["a"], data, num_examples=30), data)
+        bad_cases = ({"layer.lora_A.weight": torch.ones(2, 9), "layer.lora_B.weight": torch.ones(8, 2)},  # in
+                     {"layer.lora_A.weight": torch.ones(2, 8), "layer.lora_B.weight": torch.ones(7, 2)},  # out
+                     {"layer.lora_A.weight": torch.ones(2, 8), "layer.lora_B.weight": torch.ones(8, 3)},  # R != R
+                     {"layer.lora_A.weight": torch.ones(2, 8)})  # half a pair of another rank
+        for bad in bad_cases:
+            before = accepted_state(coord)
+            payload = tensors_bytes(bad)
+            assert rpc_code(lambda p=payload: sites["b"].send(sites["b"].manifest(tasks["b"], p), p)) == \
+                grpc.StatusCode.INVALID_ARGUMENT, bad
+            assert accepted_state(coord) == before
+            assert coord.query("SELECT state FROM assignments WHERE round=1 AND client='b'") == [{"state": "assigned"}]
+            assert coord.count("uploads") == 0
+        data = tensors_bytes(full)
+        sites["b"].send(sites["b"].manifest(tasks["b"], data, num_examples=10), data)
+        wait_for(lambda: coord.count("globals") == 2, 30, "global 1")
+        digest = coord.query("SELECT digest FROM globals WHERE round=1")[0]["digest"]
+        merged = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+        a, b = merged["layer.lora_A.weight"], merged["layer.lora_B.weight"]
+        assert a.shape == (4, 8) and b.shape == (8, 4) and a.dtype == torch.float32  # the global keeps rank 4
+
+        def product(tensors):
+            return tensors["layer.lora_B.weight"].double() @ tensors["layer.lora_A.weight"].double()
+
+        u, s, vh = torch.linalg.svd((30 * product(low) + 10 * product(full)) / 40)
+        assert torch.allclose(b.double() @ a.double(), (u[:, :4] * s[:4]) @ vh[:4], atol=1e-4)
+    finally:
+        for site in sites.values():
+            site.close()
+        coord.kill()

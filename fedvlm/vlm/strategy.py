@@ -105,8 +105,12 @@ def lora_target_regex(model: nn.Module, parts: ModelParts, targets: tuple[str, .
     return rf"{re.escape(prefix)}(.*\.)?({'|'.join(re.escape(s) for s in chosen)})"
 
 
-def lora_config_for(model: nn.Module, strategy: str, lora: LoraSpec):
-    """The ``peft.LoraConfig`` whose adapter holds exactly the strategy's tensors (F-2stage: both parts)."""
+def lora_config_for(model: nn.Module, strategy: str, lora: LoraSpec, rank: int = 0):
+    """The ``peft.LoraConfig`` whose adapter holds exactly the strategy's tensors (F-2stage: both parts).
+
+    ``rank`` (0 = ``lora.r``): a site-local LoRA rank (heterogeneous ranks with exact LoRA aggregation); alpha is
+    scaled with it (``lora.alpha * rank / lora.r``) so that PEFT's scaling alpha/r, and hence the meaning of the
+    product B·A, is the same on every site."""
     from peft import LoraConfig
 
     if strategy not in ("F-C", "F-L", "F-CL", "F-2stage"):
@@ -115,8 +119,8 @@ def lora_config_for(model: nn.Module, strategy: str, lora: LoraSpec):
     uses_lora = strategy in ("F-L", "F-CL", "F-2stage")
     trains_connector = strategy in ("F-C", "F-CL", "F-2stage")
     return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
+        r=rank or lora.r,
+        lora_alpha=lora.alpha * rank / lora.r if rank and rank != lora.r else lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora_target_regex(model, parts, lora.targets) if uses_lora else DUMMY_TARGET_MODULES,
         modules_to_save=[parts.connector] if trains_connector else None,
@@ -153,8 +157,9 @@ def stage_keys(keys, stage: str | None) -> list[str]:
     return [k for k in keys if is_lora_key(k) == (stage == LORA_STAGE)]
 
 
-def apply_strategy(model: nn.Module, strategy: str, lora: LoraSpec, seed: int):
-    """Wrap ``model`` in a ``PeftModel`` for ``strategy``; the adapter init is a pure function of ``seed``.
+def apply_strategy(model: nn.Module, strategy: str, lora: LoraSpec, seed: int, rank: int = 0):
+    """Wrap ``model`` in a ``PeftModel`` for ``strategy``; the adapter init is a pure function of ``seed``
+    (and ``rank``, the site-local LoRA rank, 0 = ``lora.r``: see :func:`lora_config_for`).
 
     Guarantees: the global torch RNG is seeded with ``seed`` right before the adapters are created (so two sites
     with the same spec start from identical adapters); no vision-tower parameter is trainable (the connector may
@@ -162,7 +167,7 @@ def apply_strategy(model: nn.Module, strategy: str, lora: LoraSpec, seed: int):
     """
     from peft import get_peft_model
 
-    config = lora_config_for(model, strategy, lora)
+    config = lora_config_for(model, strategy, lora, rank)
     parts = find_parts(model)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
