@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from dataclasses import asdict
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from fedvlm import adapters
-from fedvlm.algorithms.base import Algorithm, ClientUpdate, build, split_aux, with_aux
+from fedvlm.algorithms.base import Algorithm, ClientUpdate, build, next_global, sample_clients, split_aux
 from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord
 from fedvlm.spec import TaskSpec
@@ -138,8 +137,7 @@ class RoundDriver:
             need = cfg.clients_per_round - len(accepted)
             if len(live) < cfg.min_clients or len(candidates) < need:
                 return False
-            rng = random.Random(f"{run.run_id}:{run.round}:{rnd.attempt}")
-            sampled = sorted(rng.sample(candidates, need))
+            sampled = sample_clients(run.run_id, run.round, rnd.attempt, candidates, need)
             deadline = time.time() + cfg.round_deadline
             with self.store.tx() as db:
                 for name in sampled:
@@ -182,9 +180,7 @@ class RoundDriver:
         updates = [ClientUpdate(row["num_examples"], self._loader(row["digest"])) for row in rows]
         # The state saved with the previous global: a redone (interrupted) aggregation starts from the same state.
         result = algorithm.aggregate(base, updates, self._server_state(run, algorithm, base), run.round)
-        merged = dict(base)
-        merged.update(result.tensors)  # tensors no update carries (a frozen stage) keep the base's values
-        merged = with_aux(merged, result.aux)
+        merged = next_global(base, result)  # tensors no update carries (a frozen stage) keep the base's values
         metadata = {adapters.ADAPTER_CONFIG_METADATA: run.adapter_config} if run.adapter_config else None
         digest = self.blobs.put_bytes(adapters.to_bytes(merged, metadata))
         state_ref = self._put_server_state(run, run.round, result.state)

@@ -7,12 +7,15 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedvlm.benchmark.cli import bench_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedvlm: federated fine-tuning of vision-language models.")
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Built-in offline datasets.")
 app.add_typer(data_app, name="data")
 models_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Built-in tiny VLM presets.")
 app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 

@@ -75,12 +75,8 @@ class Learner:
         self.spec = spec
         self.device = resolve_device(device)
         self.task = get_task(spec.task_type) if spec.task_type != MULTITASK else None
-        self.data_dir = Path(data_dir) if data_dir is not None else None
         # Data first: a bad dataset should fail before minutes of model loading on a real model.
-        # data_dir: a site folder, a FedVLMBench client file or any train JSON (fedvlm.data.sources).
-        self._site_data = resolve_site_data(self.data_dir) if self.data_dir is not None else None
-        self._examples = {split: self._load_split(split) for split in SPLIT_FILES}
-        self._data_digest = self._site_data.train_digest() if self._site_data is not None else ""
+        self.use_data(data_dir)
         base, self.processor = load_base(spec.model, cache_dir=cache_dir, device=self.device)
         self.base_model_path = str(base.name_or_path)
         self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed, rank=self.lora_rank)
@@ -92,6 +88,15 @@ class Learner:
         )
 
     # ---- data -------------------------------------------------------------------------------------------------
+    def use_data(self, data_dir: Path | None) -> None:
+        """Switch to another site's data (``data_dir``: a site folder, a FedVLMBench client file or any train JSON,
+        fedvlm.data.sources); the model and adapter are kept. The in-process benchmark (fedvlm.benchmark) reuses
+        one model for many virtual sites this way; the result equals a Learner built on ``data_dir``."""
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self._site_data = resolve_site_data(self.data_dir) if self.data_dir is not None else None
+        self._examples = {split: self._load_split(split) for split in SPLIT_FILES}
+        self._data_digest = self._site_data.train_digest() if self._site_data is not None else ""
+
     def _load_split(self, split: str) -> list[Example]:
         if self._site_data is None:
             return []

@@ -16,6 +16,7 @@ between rounds; algorithms are pure functions of (base, updates, state) with no 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -137,6 +138,23 @@ class Algorithm:
                     client_state: Mapping[str, torch.Tensor]) -> ClientHook:
         """The hook for one local round starting from the current values of `params` (= the global)."""
         return ClientHook(params)
+
+
+def next_global(base: Mapping[str, torch.Tensor], result: ServerResult) -> Tensors:
+    """The round's new global as published: the base with the server step's tensors replaced (tensors no update
+    carries, e.g. a frozen F-2stage part, keep the base's values) plus the aux tensors under `AUX_PREFIX`.
+
+    The one rule shared by the coordinator (coordinator.rounds) and the in-process benchmark (fedvlm.benchmark)."""
+    merged = dict(base)
+    merged.update(result.tensors)
+    return with_aux(merged, result.aux)
+
+
+def sample_clients(run_id: str, round_index: int, attempt: int, candidates: Sequence[str], need: int) -> list[str]:
+    """The sites asked to train round `round_index`: `need` of `candidates` (in name order) drawn by a generator
+    seeded with (run, round, attempt), sorted. Shared by the coordinator and the in-process benchmark."""
+    rng = random.Random(f"{run_id}:{round_index}:{attempt}")
+    return sorted(rng.sample(list(candidates), need))
 
 
 REGISTRY: dict[str, type[Algorithm]] = {}

@@ -1,0 +1,96 @@
+"""``fedvlm bench run | sweep | report``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedvlm.spec import SpecError
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="In-process benchmark: the FedVLMBench study (docs/benchmark.md).")
+console = Console()
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _execute(variants, out: Path, workers: int) -> list[str]:
+    from fedvlm.benchmark.sweep import run_study, trials_of
+
+    total = len(trials_of(variants))
+    with _progress_bar() as bar:
+        tasks: dict[str, int] = {}
+        overall = bar.add_task(f"{total} trial(s)", total=total if workers > 1 else None)
+
+        def progress(trial: str, done: int, of: int, what: str) -> None:
+            if workers > 1:
+                bar.update(overall, completed=done, total=of, description=f"trials ({trial} finished)")
+                return
+            if trial not in tasks:
+                tasks[trial] = bar.add_task(trial, total=of)
+            bar.update(tasks[trial], completed=done, total=of, description=f"{trial}: {what}")
+
+        ran = run_study(variants, out, workers=workers, progress=progress)
+        bar.update(overall, completed=total, total=total)
+    return ran
+
+
+@bench_app.command("run")
+def bench_run(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment TOML ([task] + "
+                                            "[experiment])."),
+              out: Path = typer.Option(..., "--out", help="Results folder (re-running resumes it)."),
+              workers: int = typer.Option(1, "--workers", min=1, help="Parallel worker processes (one per seed).")
+              ) -> None:
+    """Run one experiment (every seed) in-process and write its results folder and report."""
+    from fedvlm.benchmark.config import Variant, load_config
+    from fedvlm.benchmark.report import write_report
+
+    try:
+        cfg = load_config(config)
+    except SpecError as exc:
+        console.print(f"[red]error:[/] {config}: {exc}")
+        raise typer.Exit(2) from None
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config, out / "config.toml")
+    ran = _execute([Variant(cfg.experiment.name, {}, cfg)], out, workers)
+    report = write_report(out)
+    console.print(f"{len(ran)} trial(s) run; report: {report}")
+
+
+@bench_app.command("sweep")
+def bench_sweep(grid: Path = typer.Argument(..., exists=True, dir_okay=False, help="Sweep TOML ([task], "
+                                            "[experiment] and [grid])."),
+                out: Path = typer.Option(..., "--out", help="Results folder (re-running skips finished trials)."),
+                workers: int = typer.Option(1, "--workers", min=1, help="Parallel worker processes.")) -> None:
+    """Run every (variant, seed) of a grid; finished trials are skipped, so an interrupted sweep resumes."""
+    from fedvlm.benchmark.config import load_grid
+    from fedvlm.benchmark.report import write_report
+
+    try:
+        variants = load_grid(grid)
+    except SpecError as exc:
+        console.print(f"[red]error:[/] {grid}: {exc}")
+        raise typer.Exit(2) from None
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(grid, out / "grid.toml")
+    ran = _execute(variants, out, workers)
+    report = write_report(out)
+    console.print(f"{len(ran)} trial(s) run, {len(variants)} variant(s); report: {report}")
+
+
+@bench_app.command("report")
+def bench_report(out: Path = typer.Argument(..., exists=True, file_okay=False, help="A results folder.")) -> None:
+    """(Re)write report.md and the plots of a results folder."""
+    from fedvlm.benchmark.report import write_report
+
+    if not (out / "study.json").exists():
+        console.print(f"[red]error:[/] {out} is not a results folder (no study.json)")
+        raise typer.Exit(2)
+    console.print(f"report: {write_report(out)}")

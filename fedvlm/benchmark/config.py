@@ -1,0 +1,224 @@
+"""The experiment config of ``fedvlm bench``: a ``[task]`` table exactly as in ``federation.toml`` plus an
+``[experiment]`` table (dataset, partition, clients, rounds, seeds, baseline); a sweep file adds ``[grid]``.
+
+Validated once, here, with errors that name the bad key (``SpecError``, as the task spec).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedvlm.spec import SpecError, TaskSpec
+
+BASELINES = ("federated", "centralized", "local")
+PARTITIONS = ("iid", "dirichlet", "quantity", "task", "sites")
+BUILTIN_DATASETS = ("digits", "vqa", "captioning", "grounding", "multitask")
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """How the in-process study is run (docs/benchmark.md)."""
+
+    name: str = "experiment"
+    # A built-in dataset (fedvlm.data.builtin) or a directory: with train.json (+ test.json) to partition, or with
+    # site_<i>/ folders for partition "sites".
+    dataset: str = "digits"
+    # "iid", "dirichlet:<alpha>", "quantity:<alpha>", "task" (one task per client), "sites" (the dataset's own
+    # site_<i> folders, unchanged).
+    partition: str = "iid"
+    partition_key: str = "answer"  # the record field label-skew partitions split on ("answer": the gpt answer)
+    num_clients: int = 3
+    clients_per_round: int = 0  # 0 = all clients every round
+    rounds: int = 2
+    seeds: tuple[int, ...] = (0,)
+    baseline: str = "federated"  # federated | centralized (one model on the union) | local (each client alone)
+    train_size: int = 0  # built-in datasets: records per task in the pooled train split (0 = the dataset's default)
+    test_size: int = 0  # built-in datasets: records per task in the evaluation split (0 = the dataset's default)
+    eval_every: int = 1  # evaluate the global every this many rounds (the last round always)
+    metric: str = ""  # the headline metric of the report ("" = accuracy, cider or miou, whichever the task gives)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name) is not None,
+                 "experiment.name", "must be a non-empty name of letters, digits and _.+-")
+        _require(isinstance(self.dataset, str) and self.dataset != "", "experiment.dataset",
+                 f"must be one of {', '.join(BUILTIN_DATASETS)} or a directory")
+        method, alpha = parse_partition(self.partition)
+        _require(self.num_clients >= 1, "experiment.num_clients", "must be >= 1")
+        _require(0 <= self.clients_per_round <= self.num_clients, "experiment.clients_per_round",
+                 "must be in [0, num_clients] (0 = all)")
+        _require(self.rounds >= 1, "experiment.rounds", "must be >= 1")
+        _require(len(self.seeds) >= 1 and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds),
+                 "experiment.seeds", "must be a non-empty list of integers")
+        _require(len(set(self.seeds)) == len(self.seeds), "experiment.seeds", "must not repeat a seed")
+        _require(self.baseline in BASELINES, "experiment.baseline", f"must be one of {', '.join(BASELINES)}")
+        _require(self.train_size >= 0, "experiment.train_size", "must be >= 0")
+        _require(self.test_size >= 0, "experiment.test_size", "must be >= 0")
+        _require(self.eval_every >= 1, "experiment.eval_every", "must be >= 1")
+        if method == "sites":
+            _require(self.dataset not in BUILTIN_DATASETS, "experiment.partition",
+                     "\"sites\" needs experiment.dataset to be a directory with site_<i> folders")
+
+    @property
+    def sampled_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+
+def parse_partition(value: Any) -> tuple[str, float]:
+    """``"dirichlet:0.5"`` -> ``("dirichlet", 0.5)``; ``SpecError`` naming ``experiment.partition`` otherwise."""
+    if not isinstance(value, str):
+        raise SpecError("experiment.partition: expected str")
+    method, _, rest = value.partition(":")
+    if method not in PARTITIONS:
+        raise SpecError(f"experiment.partition: must be one of iid, dirichlet:<alpha>, quantity:<alpha>, task, sites "
+                        f"(got {value!r})")
+    if method in ("dirichlet", "quantity"):
+        try:
+            alpha = float(rest)
+        except ValueError:
+            raise SpecError(f"experiment.partition: {method} needs an alpha, e.g. \"{method}:0.5\" "
+                            f"(got {value!r})") from None
+        _require(alpha > 0, "experiment.partition", "alpha must be > 0")
+        return method, alpha
+    _require(rest == "", "experiment.partition", f"{method} takes no parameter (got {value!r})")
+    return method, 0.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One experiment: what to train (``task``) and how the study runs it (``experiment``)."""
+
+    task: TaskSpec = field(default_factory=TaskSpec)
+    experiment: ExperimentSpec = field(default_factory=ExperimentSpec)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BenchConfig:
+        raw = dict(raw)
+        unknown = sorted(set(raw) - {"task", "experiment"})
+        if unknown:
+            raise SpecError(f"{unknown[0]}: unknown key (known: experiment, task)")
+        task = TaskSpec.from_dict(_table(raw.get("task", {}), "task"))
+        experiment = _experiment(_table(raw.get("experiment", {}), "experiment"))
+        return cls(task=task, experiment=experiment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": json.loads(self.task.to_json()), "experiment": dataclasses.asdict(self.experiment)}
+
+    def for_seed(self, seed: int) -> TaskSpec:
+        """The task spec of one trial: the model's initial adapter, dropout and shuffles follow ``seed``."""
+        return dataclasses.replace(self.task, seed=seed)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of a sweep grid: its name (the varied values) and its config."""
+
+    name: str
+    values: dict[str, Any]
+    config: BenchConfig
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def load_config(path: Path) -> BenchConfig:
+    """An experiment file (``[task]`` + ``[experiment]``); a file with ``[grid]`` is a sweep (``load_grid``)."""
+    raw = load_toml(path)
+    if "grid" in raw:
+        raise SpecError("grid: this is a sweep file: run it with `fedvlm bench sweep`")
+    return BenchConfig.from_dict(raw)
+
+
+def load_grid(path: Path) -> list[Variant]:
+    """A sweep file: a base experiment plus ``[grid]``, dotted keys (``"task.algorithm.name"``,
+    ``"experiment.partition"``) each mapped to a list of values; the variants are their cartesian product."""
+    return expand_grid(load_toml(path))
+
+
+def expand_grid(raw: dict[str, Any]) -> list[Variant]:
+    raw = copy.deepcopy(raw)
+    grid = _table(raw.pop("grid", {}), "grid")
+    BenchConfig.from_dict(raw)  # the base alone must be valid: its errors name the key without a grid prefix
+    axes: list[tuple[str, list[Any]]] = []
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"grid.{key}: expected a non-empty list of values")
+        parts = key.split(".")
+        if parts[0] not in ("task", "experiment") or len(parts) < 2:
+            raise SpecError(f"grid.{key}: keys are dotted paths under task or experiment, e.g. task.algorithm.name")
+        if key in ("experiment.seeds", "experiment.name"):
+            raise SpecError(f"grid.{key}: cannot be swept (seeds are listed in experiment.seeds)")
+        axes.append((key, values))
+    variants: list[Variant] = []
+    names: set[str] = set()
+    for combo in itertools.product(*(values for _, values in axes)):
+        variant = copy.deepcopy(raw)
+        values = dict(zip([k for k, _ in axes], combo, strict=True))
+        for key, value in values.items():
+            node = variant
+            *path, leaf = key.split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise SpecError(f"grid.{key}: {part} is not a table")
+            node[leaf] = value
+        try:
+            config = BenchConfig.from_dict(variant)
+        except SpecError as exc:
+            raise SpecError(f"grid ({_describe(values)}): {exc}") from exc
+        name = _slug(values) if values else config.experiment.name
+        if name in names:
+            raise SpecError(f"grid: two variants share the name {name!r}")
+        names.add(name)
+        variants.append(Variant(name, values, config))
+    return variants
+
+
+def _describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def _slug(values: dict[str, Any]) -> str:
+    text = "__".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
+
+
+def _experiment(raw: dict[str, Any]) -> ExperimentSpec:
+    known = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise SpecError(f"experiment.{key}: unknown key (known: {', '.join(sorted(known))})")
+        default = known[key].default
+        if key == "seeds":
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = [value]
+            if not isinstance(value, list):
+                raise SpecError("experiment.seeds: expected a list of integers")
+            value = tuple(value)
+        elif isinstance(default, bool) or not isinstance(value, type(default)) or isinstance(value, bool):
+            raise SpecError(f"experiment.{key}: expected {type(default).__name__}, got {type(value).__name__}")
+        values[key] = value
+    return ExperimentSpec(**values)
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected a table, got {type(value).__name__}")
+    return value
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise SpecError(f"{key}: {why}")

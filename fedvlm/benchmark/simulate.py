@@ -1,0 +1,162 @@
+"""One trial in one process: N virtual clients, the same Learner, algorithm and aggregation as the real federation.
+
+A round is what coordinator.rounds and client.agent do over the wire, without the wire:
+
+    sample clients (``sample_clients``, the coordinator's rule) -> for each sampled client, in name order: load the
+    global into the ONE resident model, switch to the client's data (``Learner.use_data``), train with the
+    algorithm's hook, keep ``adapter_state(round)`` + aux -> ``algorithm.aggregate`` -> ``next_global``.
+
+Global 0 is the adapter of a fresh Learner built from the trial's spec (what the real INIT site uploads). Bytes
+sent each way are the sizes of the safetensors files that would cross the wire. Baselines: ``centralized`` trains
+one client on the union of the sites' data; ``local`` trains every client on its own data only, never aggregating.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedvlm import adapters
+from fedvlm.algorithms.base import ClientUpdate, Tensors, build, next_global, sample_clients, split_aux, with_aux
+from fedvlm.benchmark.config import BenchConfig
+from fedvlm.benchmark.data import SiteData
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+@dataclass
+class TrialResult:
+    final_metrics: dict[str, float]
+    global_state: Tensors  # the last global (adapter + aux), or the centralized model's adapter
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+
+
+def client_names(n: int) -> list[str]:
+    """Virtual client names, in the order the coordinator aggregates them (by name)."""
+    width = len(str(n))
+    return [f"site-{i + 1:0{width}d}" for i in range(n)]
+
+
+def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progress: Progress | None = None,
+              cache_dir: Path | None = None) -> TrialResult:
+    """Run one (config, seed) trial; writes ``rounds.jsonl`` and ``clients.jsonl`` under ``out``."""
+    from fedvlm.learner import Learner
+
+    exp = config.experiment
+    spec = config.for_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    rounds_log = (out / "rounds.jsonl").open("w", encoding="utf-8")
+    clients_log = (out / "clients.jsonl").open("w", encoding="utf-8")
+    started = time.monotonic()
+    names = client_names(exp.num_clients)
+    site_of = dict(zip(names, data.sites, strict=True))
+    per_round = 1 if exp.baseline == "centralized" else (
+        exp.num_clients if exp.baseline == "local" else exp.sampled_per_round)
+    total = exp.rounds * per_round
+    done = 0
+
+    def tick(what: str) -> None:
+        if progress is not None:
+            progress(done, total, what)
+
+    tick("building the model")
+    learner = Learner(spec, data.union if exp.baseline == "centralized" else data.sites[0], cache_dir=cache_dir)
+    global_state: Tensors = learner.adapter_state()  # global 0: the INIT site's fresh adapter
+    algorithm = build(spec.algorithm)
+    server_state = algorithm.initial_state(global_state)
+    local_states: dict[str, Tensors] = {name: dict(global_state) for name in names}
+    client_states: dict[str, Tensors] = {name: {} for name in names}
+    bytes_up = bytes_down = 0
+    final: dict[str, float] = {}
+    try:
+        for rnd in range(1, exp.rounds + 1):
+            round_started = time.monotonic()
+            if exp.baseline == "centralized":
+                sampled = ["union"]
+            elif exp.baseline == "local":
+                sampled = list(names)
+            else:
+                sampled = sample_clients(f"bench-{exp.name}-{seed}", rnd, 0, names, exp.sampled_per_round)
+            base, global_aux = split_aux(global_state)
+            global_bytes = len(adapters.to_bytes(global_state)) if exp.baseline == "federated" else 0
+            updates: list[ClientUpdate] = []
+            round_up = 0
+            for name in sampled:
+                tick(f"round {rnd}/{exp.rounds}: {name}")
+                start = local_states[name] if exp.baseline == "local" else base
+                learner.load_global_state(start, rnd)
+                learner.use_data(data.union if name == "union" else site_of[name])
+                hooks = []
+
+                def make_hook(params, name=name, hooks=hooks, global_aux=global_aux):
+                    hooks.append(algorithm.client_hook(params, global_aux, client_states[name]))
+                    return hooks[-1]
+
+                result = learner.train_round(rnd, make_hook=make_hook if exp.baseline == "federated" else None)
+                record = {"round": rnd, "client": name, "num_examples": result.num_examples, "steps": result.steps,
+                          "loss_first": result.loss_first, "loss_last": result.loss_last,
+                          "seconds": round(result.seconds, 3)}
+                if exp.baseline == "federated":
+                    update = learner.adapter_state(rnd)
+                    sent_aux, new_state = hooks[0].finish(result.steps, spec.train.lr)
+                    expected = algorithm.expected_aux(update)
+                    aux = {a: sent_aux[a] if a in sent_aux else torch.zeros_like(update[src])
+                           for a, src in expected.items()}
+                    if new_state:
+                        client_states[name] = {**client_states[name], **new_state}
+                    size = len(adapters.to_bytes(with_aux(update, aux)))
+                    round_up += size
+                    record.update(bytes_up=size, bytes_down=global_bytes)
+                    updates.append(ClientUpdate(float(result.num_examples), lambda u=update, a=aux: (u, a)))
+                else:
+                    local_states[name] = learner.adapter_state()
+                clients_log.write(json.dumps(record, sort_keys=True) + "\n")
+                done += 1
+            server_metrics: dict[str, float] = {}
+            if exp.baseline == "federated":
+                result = algorithm.aggregate(base, updates, server_state, rnd)
+                server_state = result.state
+                server_metrics = result.metrics
+                global_state = next_global(base, result)
+                bytes_up += round_up
+                bytes_down += global_bytes * len(sampled)
+            elif exp.baseline == "centralized":
+                global_state = local_states["union"]
+            evaluate = rnd % exp.eval_every == 0 or rnd == exp.rounds
+            metrics: dict[str, float] = {}
+            if evaluate:
+                tick(f"round {rnd}/{exp.rounds}: evaluating")
+                metrics = _evaluate(learner, exp.baseline, global_state, local_states, names, data.eval_json, rnd)
+                final = metrics
+            rounds_log.write(json.dumps({
+                "round": rnd, "sampled": sampled, "metrics": metrics, "server_metrics": server_metrics,
+                "bytes_up": round_up, "bytes_down": global_bytes * len(sampled) if exp.baseline == "federated" else 0,
+                "seconds": round(time.monotonic() - round_started, 3)}, sort_keys=True) + "\n")
+            rounds_log.flush()
+            clients_log.flush()
+    finally:
+        rounds_log.close()
+        clients_log.close()
+    tick("done")
+    return TrialResult(final, global_state, bytes_up, bytes_down, time.monotonic() - started)
+
+
+def _evaluate(learner, baseline: str, global_state: Tensors, local_states: dict[str, Tensors], names: list[str],
+              eval_json: Path, rnd: int) -> dict[str, float]:
+    """Every model is scored on the same common evaluation set; ``local``: the mean over the clients' models."""
+    if baseline != "local":
+        learner.load_global_state(split_aux(global_state)[0], rnd)
+        return learner.evaluate_json(eval_json)
+    scores = []
+    for name in names:
+        learner.load_global_state(local_states[name], rnd)
+        scores.append(learner.evaluate_json(eval_json))
+    keys = sorted(set.intersection(*(set(s) for s in scores)))
+    return {k: sum(s[k] for s in scores) / len(scores) for k in keys}

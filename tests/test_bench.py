@@ -1,0 +1,241 @@
+"""`fedvlm bench`: config validation, a small resumable sweep with its report, the baselines, and the in-process
+simulation against a real federation (coordinator + two fedvlm-client processes) for one round."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedvlm import adapters
+from fedvlm.algorithms.base import split_aux
+from fedvlm.benchmark.config import BenchConfig, expand_grid, load_config
+from fedvlm.benchmark.sweep import run_study, trials_of
+from fedvlm.cli import app
+from fedvlm.data.digits import build_digits
+from fedvlm.spec import SpecError
+from fedvlm.vlm.presets import preset_dir
+
+from .harness import BIN, Coordinator, env_for_subprocess, wait_for
+
+TASK = """
+[task]
+model = "tiny-llava"
+strategy = "F-CL"
+seed = 0
+[task.train]
+local_epochs = 0.1
+batch_size = 8
+lr = 0.001
+max_steps = 2
+"""
+
+SWEEP = TASK + """
+[experiment]
+name = "small"
+dataset = "digits"
+num_clients = 2
+rounds = 2
+seeds = [0, 1]
+train_size = 32
+test_size = 8
+[grid]
+"experiment.partition" = ["iid", "dirichlet:0.5"]
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, fedvlm_cache):
+    preset_dir("tiny-llava", fedvlm_cache)
+    return fedvlm_cache
+
+
+def _raw(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ('[experiment]\nnum_clientz = 2', "experiment.num_clientz"),
+    ('[experiment]\nrounds = 0', "experiment.rounds"),
+    ('[experiment]\nrounds = "2"', "experiment.rounds"),
+    ('[experiment]\npartition = "dirichlet"', "experiment.partition"),
+    ('[experiment]\nbaseline = "solo"', "experiment.baseline"),
+    ('[experiment]\nnum_clients = 2\nclients_per_round = 3', "experiment.clients_per_round"),
+    ('[experiment]\nseeds = [1, 1]', "experiment.seeds"),
+    ('[task.algorithm]\nname = "fedsgd"', "task.algorithm.name"),
+    ('lrate = 0.1', "task.train.lrate"),
+])
+def test_bad_config_keys_are_named(extra, key):
+    with pytest.raises(SpecError, match=key.replace(".", r"\.")):
+        BenchConfig.from_dict(_raw(TASK + extra))  # a bare key lands in [task.train], the last table of TASK
+
+
+def test_bad_grid_keys_are_named(tmp_path):
+    with pytest.raises(SpecError, match=r"grid\.task\.train\.lrate|task\.train\.lrate"):
+        expand_grid(_raw(TASK + '[grid]\n"task.train.lrate" = [0.1, 0.2]'))
+    with pytest.raises(SpecError, match=r"grid\.rounds"):
+        expand_grid(_raw(TASK + '[grid]\n"rounds" = [1, 2]'))
+    with pytest.raises(SpecError, match=r"grid\.experiment\.partition"):
+        expand_grid(_raw(TASK + '[grid]\n"experiment.partition" = []'))
+    path = tmp_path / "grid.toml"
+    path.write_text(SWEEP)
+    with pytest.raises(SpecError, match="grid"):
+        load_config(path)  # a sweep file is not an experiment file
+    result = CliRunner().invoke(app, ["bench", "run", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "grid" in result.output
+    variants = expand_grid(_raw(SWEEP))
+    assert [v.name for v in variants] == ["partition=iid", "partition=dirichlet-0.5"]
+    assert len(trials_of(variants)) == 4
+
+
+def test_suites_in_the_repo_are_valid():
+    suites = sorted((Path(__file__).parents[1] / "bench" / "suites").glob("*.toml"))
+    assert len(suites) >= 4
+    for suite in suites:
+        variants = expand_grid(_raw(suite.read_text()))
+        assert variants, suite
+        assert "# Paper setting:" in suite.read_text(), suite
+
+
+def test_small_sweep_report_and_resume(tmp_path, cache):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(SWEEP)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "sweep", str(grid), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "4 trial(s) run" in result.output
+    report = (out / "report.md").read_text()
+    assert "| variant | partition | seeds | accuracy | MB up | MB down | wall s |" in report
+    assert "| partition=iid | iid | 2/2 |" in report and "| partition=dirichlet-0.5 | dirichlet:0.5 | 2/2 |" in report
+    assert "±" in report
+    for png in ("rounds.png", "heterogeneity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    versions = json.loads((out / "versions.json").read_text())
+    assert {"python", "torch", "transformers", "peft", "fedvlm"} <= set(versions)
+    trial = out / "trials" / "partition=iid" / "seed-1"
+    rounds = [json.loads(x) for x in (trial / "rounds.jsonl").read_text().splitlines()]
+    clients = [json.loads(x) for x in (trial / "clients.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and "accuracy" in rounds[-1]["metrics"]
+    assert len(clients) == 4 and all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in clients)
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["bytes_up"] == sum(c["bytes_up"] for c in clients) and summary["wall_seconds"] > 0
+    assert json.loads((trial / "config.json").read_text())["task"]["seed"] == 1
+
+    # Resume: nothing is re-run; a trial without its DONE marker is redone, alone.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/*/summary.json")}
+    assert len(stamps) == 4
+    (out / "trials" / "partition=dirichlet-0.5" / "seed-0" / "DONE").unlink()
+    result = runner.invoke(app, ["bench", "sweep", str(grid), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 trial(s) run" in result.output
+    changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t]
+    assert changed == [out / "trials" / "partition=dirichlet-0.5" / "seed-0" / "summary.json"]
+    assert run_study(expand_grid(_raw(SWEEP)), out) == []
+    result = runner.invoke(app, ["bench", "report", str(out)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("baseline", ["centralized", "local"])
+def test_baselines(tmp_path, cache, baseline):
+    text = SWEEP.split("[grid]")[0].replace("seeds = [0, 1]", "seeds = [0]").replace("rounds = 2", "rounds = 1")
+    variants = expand_grid(_raw(text + f'baseline = "{baseline}"\n'))
+    assert run_study(variants, tmp_path) == ["small/seed-0"]
+    trial = tmp_path / "trials" / "small" / "seed-0"
+    clients = [json.loads(x) for x in (trial / "clients.jsonl").read_text().splitlines()]
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["bytes_up"] == 0 and summary["bytes_down"] == 0
+    assert "accuracy" in summary["final_metrics"]
+    if baseline == "centralized":
+        assert [c["client"] for c in clients] == ["union"] and clients[0]["num_examples"] == 32
+    else:
+        assert [c["client"] for c in clients] == ["site-1", "site-2"]
+        assert sum(c["num_examples"] for c in clients) == 32
+
+
+def test_parallel_workers(tmp_path, cache):
+    text = SWEEP.split("[grid]")[0].replace("rounds = 2", "rounds = 1")
+    variants = expand_grid(_raw(text + '[grid]\n"task.algorithm.name" = ["fedavg", "fedavgm"]\n'))
+    ran = run_study(variants, tmp_path, workers=2)
+    assert sorted(ran) == sorted(t.id for t in trials_of(variants)) and len(ran) == 4
+    assert len(list(tmp_path.glob("trials/*/*/DONE"))) == 4
+    assert run_study(variants, tmp_path, workers=2) == []
+
+
+FEDERATION = """
+name = "bench-eq"
+[run]
+rounds = 1
+min_clients = 2
+clients_per_round = 2
+quorum = 2
+round_deadline = "300s"
+poll_interval = 0.2
+heartbeat_timeout = "60s"
+final_eval = false
+""" + TASK + """
+[task.algorithm]
+name = "fedprox"
+mu = 0.1
+"""
+
+
+def test_in_process_round_equals_the_real_federation(tmp_path, cache):
+    """Same spec, same seed, same site files: the global after round 1 of the coordinator + 2 fedvlm-client
+    processes equals the in-process simulation's."""
+    layout = build_digits(tmp_path / "data", sites=2, seed=0)
+    for path in [*(s / "test.json" for s in layout.site_dirs), tmp_path / "data" / "test.json"]:
+        path.write_text(json.dumps(json.loads(path.read_text())[:8]))  # evaluation is not what is compared
+    coord = Coordinator(tmp_path / "coord", FEDERATION)
+    coord.start()
+    clients = {}
+    try:
+        for i, data in enumerate(layout.site_dirs):
+            name = f"site-{i + 1}"
+            cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
+                   "--data", str(data), "--state", str(tmp_path / "sites" / name), "--device", "cpu",
+                   "--threads", "1"]
+            with open(tmp_path / f"{name}.log", "wb") as log:
+                clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                 env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
+        wait_for(lambda: all(p.poll() is not None for p in clients.values()), 240, "the sites to finish")
+        for name, proc in clients.items():
+            assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        digest = coord.query("SELECT digest FROM globals WHERE round=1")[0]["digest"]
+        real, _ = split_aux(adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes()))
+        digest0 = coord.query("SELECT digest FROM globals WHERE round=0")[0]["digest"]
+        real0, _ = split_aux(adapters.from_bytes(coord.fed.blobs.joinpath(digest0[:2], digest0).read_bytes()))
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
+
+    text = TASK + """
+[task.algorithm]
+name = "fedprox"
+mu = 0.1
+[experiment]
+name = "equivalence"
+dataset = "DATA"
+partition = "sites"
+num_clients = 2
+rounds = 1
+seeds = [0]
+""".replace("DATA", str(tmp_path / "data"))
+    variants = expand_grid(_raw(text))
+    out = tmp_path / "bench"
+    run_study(variants, out)
+    simulated, _ = split_aux(adapters.from_bytes((out / "trials" / "equivalence" / "seed-0" /
+                                                  "global.safetensors").read_bytes()))
+    assert sorted(simulated) == sorted(real)
+    moved = max((real[k] - real0[k]).abs().max().item() for k in real)
+    assert moved > 1e-4  # the round trained something, well above the tolerance of the comparison
+    for key in real:
+        assert torch.allclose(simulated[key], real[key], atol=1e-6, rtol=1e-5), key
