@@ -152,3 +152,27 @@ def env_for_subprocess(**extra: str) -> dict[str, str]:
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update(extra)
     return env
+
+
+def start_site(coord: Coordinator, name: str, data: Path, root: Path, cache: Path, *extra: str,
+               token: str | None = None) -> subprocess.Popen:
+    """A `fedvlm-client` process for site `name`: state in root/sites/NAME, output appended to root/NAME.log."""
+    cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", token or coord.token(name),
+           "--data", str(data), "--state", str(root / "sites" / name), "--device", "cpu", "--threads", "1", *extra]
+    with open(root / f"{name}.log", "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
+
+
+def start_sites(coord: Coordinator, site_dirs, root: Path, cache: Path,
+                extra=lambda index: ()) -> dict[str, subprocess.Popen]:
+    """One `start_site` per data folder, named site-1, site-2, ...; `extra(i)` adds flags for site i."""
+    return {f"site-{i + 1}": start_site(coord, f"site-{i + 1}", data, root, cache, *extra(i))
+            for i, data in enumerate(site_dirs)}
+
+
+def wait_sites_ok(clients: dict[str, subprocess.Popen], root: Path, timeout: float = 240) -> None:
+    """Wait for every site process to exit; each must exit 0 (the failure shows the end of its log)."""
+    wait_for(lambda: all(p.poll() is not None for p in clients.values()), timeout, "the sites to finish")
+    for name, proc in clients.items():
+        assert proc.returncode == 0, (root / f"{name}.log").read_text()[-3000:]

@@ -11,7 +11,6 @@ coordinator in test_algorithms_restart.py.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
@@ -20,7 +19,7 @@ from fedvlm.algorithms.aggregation import dp_epsilon
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import BIN, Coordinator, coord_cli, env_for_subprocess, wait_for
+from .harness import Coordinator, coord_cli, start_sites, wait_sites_ok
 
 CONFIG = """
 name = "algo-vlm"
@@ -68,17 +67,8 @@ def test_algorithm_runs_in_the_real_federation(tmp_path, cache, case):
     coord.start()
     clients = {}
     try:
-        for i, data in enumerate(layout.site_dirs):
-            name = f"site-{i + 1}"
-            cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
-                   "--data", str(data), "--state", str(tmp_path / "sites" / name), "--device", "cpu",
-                   "--threads", "1"]
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                 env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
-        wait_for(lambda: all(p.poll() is not None for p in clients.values()), 240, "the sites to finish")
-        for name, proc in clients.items():
-            assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        wait_sites_ok(clients, tmp_path)
         assert [r["round"] for r in coord.query("SELECT round FROM globals ORDER BY round")] == list(range(rounds + 1))
         digest = coord.query("SELECT digest FROM globals WHERE round=?", (rounds,))[0]["digest"]
         final = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
@@ -121,17 +111,9 @@ def test_sites_of_different_lora_ranks_with_exact_aggregation(tmp_path, cache):
     coord.start()
     clients = {}
     try:
-        for i, data in enumerate(layout.site_dirs):
-            name = f"site-{i + 1}"
-            cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
-                   "--data", str(data), "--state", str(tmp_path / "sites" / name), "--device", "cpu",
-                   "--threads", "1", *(["--lora-rank", "4"] if i == 1 else [])]
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                 env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
-        wait_for(lambda: all(p.poll() is not None for p in clients.values()), 240, "the sites to finish")
-        for name, proc in clients.items():
-            assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache,
+                              extra=lambda i: ("--lora-rank", "4") if i == 1 else ())
+        wait_sites_ok(clients, tmp_path)
 
         def tensors(digest):
             return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())

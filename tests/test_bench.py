@@ -4,7 +4,6 @@ simulation against a real federation (coordinator + two fedvlm-client processes)
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from fedvlm.data.digits import build_digits
 from fedvlm.spec import SpecError
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import BIN, Coordinator, env_for_subprocess, wait_for
+from .harness import Coordinator, start_sites, wait_sites_ok
 
 TASK = """
 [task]
@@ -196,17 +195,8 @@ def test_in_process_round_equals_the_real_federation(tmp_path, cache):
     coord.start()
     clients = {}
     try:
-        for i, data in enumerate(layout.site_dirs):
-            name = f"site-{i + 1}"
-            cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
-                   "--data", str(data), "--state", str(tmp_path / "sites" / name), "--device", "cpu",
-                   "--threads", "1"]
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                 env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
-        wait_for(lambda: all(p.poll() is not None for p in clients.values()), 240, "the sites to finish")
-        for name, proc in clients.items():
-            assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        wait_sites_ok(clients, tmp_path)
         digest = coord.query("SELECT digest FROM globals WHERE round=1")[0]["digest"]
         real, _ = split_aux(adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes()))
         digest0 = coord.query("SELECT digest FROM globals WHERE round=0")[0]["digest"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from fedvlm import adapters
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import BIN, Coordinator, coord_cli, env_for_subprocess, wait_for
+from .harness import Coordinator, coord_cli, start_sites, wait_for
 
 CONFIG = """
 name = "it-fed"
@@ -51,16 +50,8 @@ def run(tmp_path_factory):
     layout = build_digits(root / "data", sites=3, seed=0)
     coord = Coordinator(root / "coord", CONFIG)
     coord.start()
-    clients: dict[str, subprocess.Popen] = {}
-    for i, data in enumerate(layout.site_dirs):
-        name = f"site-{i + 1}"
-        cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
-               "--data", str(data), "--state", str(root / "sites" / name), "--device", "cpu", "--threads", "1"]
-        if name == SLOW_SITE:
-            cmd += ["--max-upload-rate", "0.04"]
-        with open(root / f"{name}.log", "wb") as log:
-            clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
+    clients = start_sites(coord, layout.site_dirs, root, cache,
+                          extra=lambda i: ("--max-upload-rate", "0.04") if f"site-{i + 1}" == SLOW_SITE else ())
     observed = Observations()
     try:
         # Round 2 with some updates accepted and the slow site still uploading: kill the coordinator.

@@ -9,7 +9,7 @@ import subprocess
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import BIN, Coordinator, env_for_subprocess, wait_for
+from .harness import Coordinator, start_site, wait_for
 
 CONFIG = """
 name = "resume-fed"
@@ -36,17 +36,13 @@ def test_site_killed_mid_upload_resumes_from_the_stored_offset(tmp_path):
     coord = Coordinator(tmp_path / "coord", CONFIG)
     coord.start()
     token = coord.token("site-1")
-    log_path = tmp_path / "site.log"
+    log_path = tmp_path / "site-1.log"
 
-    def start_site() -> subprocess.Popen:
-        cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", token,
-               "--data", str(layout.site_dirs[0]), "--state", str(tmp_path / "state"), "--device", "cpu",
-               "--threads", "1", "--max-upload-rate", "0.03"]
-        with open(log_path, "ab") as log:
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env_for_subprocess(FEDVLM_CACHE=str(cache)))
+    def start() -> subprocess.Popen:
+        return start_site(coord, "site-1", layout.site_dirs[0], tmp_path, cache, "--max-upload-rate", "0.03",
+                          token=token)
 
-    site = start_site()
+    site = start()
     try:
         def uploading_round_one():
             if site.poll() is not None:
@@ -63,7 +59,7 @@ def test_site_killed_mid_upload_resumes_from_the_stored_offset(tmp_path):
         assert 0 < stored["received"] < stored["size"]
         assert coord.query("SELECT COUNT(*) AS n FROM updates WHERE round=1") == [{"n": 0}]
 
-        site = start_site()  # same --state: the identity and the signed update in the outbox are reused
+        site = start()  # same --state: the identity and the signed update in the outbox are reused
         assert site.wait(timeout=240) == 0, log_path.read_text()[-3000:]
     finally:
         if site.poll() is None:

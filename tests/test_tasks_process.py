@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 
 import pytest
 
 from fedvlm.data.builtin import build_dataset
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import BIN, Coordinator, coord_cli, env_for_subprocess, wait_for
+from .harness import Coordinator, coord_cli, start_sites, wait_sites_ok
 
 CONFIG = """
 name = "grounding-fed"
@@ -48,19 +47,10 @@ def test_grounding_run_reports_miou_per_round(tmp_path):
     layout = build_dataset("grounding", tmp_path / "data", sites=2, train_size=32, test_size=8)
     coord = Coordinator(tmp_path / "coord", CONFIG)
     coord.start()
-    clients = []
+    clients = {}
     try:
-        for i, data in enumerate(layout.site_dirs):
-            name = f"site-{i + 1}"
-            cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
-                   "--data", str(data), "--state", str(tmp_path / "sites" / name), "--device", "cpu",
-                   "--threads", "1"]
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                clients.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                env=env_for_subprocess(FEDVLM_CACHE=str(cache))))
-        wait_for(lambda: all(p.poll() is not None for p in clients), 240, "both sites to finish the run")
-        assert [p.returncode for p in clients] == [0, 0], [(tmp_path / f"site-{i + 1}.log").read_text()[-2000:]
-                                                           for i in range(2)]
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        wait_sites_ok(clients, tmp_path)
         rounds = json.loads(coord_cli("rounds", "--dir", str(coord.fed.root), "--json"))
         assert [r["round"] for r in rounds] == [0, 1]
         for r in rounds:
@@ -71,7 +61,7 @@ def test_grounding_run_reports_miou_per_round(tmp_path):
         status = coord_cli("status", "--dir", str(coord.fed.root))
         assert "miou=" in status
     finally:
-        for proc in clients:
+        for proc in clients.values():
             if proc.poll() is None:
                 proc.kill()
         coord.kill(signal.SIGTERM)

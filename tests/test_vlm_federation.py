@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from fedvlm import adapters
 
-from .harness import BIN, Coordinator, coord_cli, env_for_subprocess, wait_for
+from .harness import Coordinator, coord_cli, start_sites, wait_for
 
 CONFIG = """
 name = "it-2stage"
@@ -62,13 +61,7 @@ def run(tmp_path_factory):
     coord.start()
     clients = {}
     try:
-        for i, data in enumerate(sites):
-            name = f"site-{i + 1}"
-            cmd = [str(BIN / "fedvlm-client"), "--coordinator", coord.address, "--join-token", coord.token(name),
-                   "--data", str(data), "--state", str(root / "sites" / name), "--device", "cpu", "--threads", "1"]
-            with open(root / f"{name}.log", "wb") as log:
-                clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                 env=env_for_subprocess(FEDVLM_CACHE=str(root / "cache")))
+        clients = start_sites(coord, sites, root, root / "cache")
         wait_for(lambda: all(p.poll() is not None for p in clients.values()), 300, "both sites to finish")
         yield {"coord": coord, "clients": clients, "root": root, "sites": sites, "model": model}
     finally:
