@@ -50,18 +50,12 @@ def bench_run(config: Path = typer.Argument(..., exists=True, dir_okay=False, he
               ) -> None:
     """Run one experiment (every seed) in-process and write its results folder and report."""
     from fedvlm.benchmark.config import Variant, load_config
-    from fedvlm.benchmark.report import write_report
 
-    try:
-        cfg = load_config(config)
-    except SpecError as exc:
-        console.print(f"[red]error:[/] {config}: {exc}")
-        raise typer.Exit(2) from None
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config, out / "config.toml")
-    ran = _execute([Variant(cfg.experiment.name, {}, cfg)], out, workers)
-    report = write_report(out)
-    console.print(f"{len(ran)} trial(s) run; report: {report}")
+    def one_variant(path: Path) -> list:
+        cfg = load_config(path)
+        return [Variant(cfg.experiment.name, {}, cfg)]
+
+    _run_variants(config, one_variant, out, "config.toml", workers)
 
 
 @bench_app.command("sweep")
@@ -71,15 +65,22 @@ def bench_sweep(grid: Path = typer.Argument(..., exists=True, dir_okay=False, he
                 workers: int = typer.Option(1, "--workers", min=1, help="Parallel worker processes.")) -> None:
     """Run every (variant, seed) of a grid; finished trials are skipped, so an interrupted sweep resumes."""
     from fedvlm.benchmark.config import load_grid
+
+    _run_variants(grid, load_grid, out, "grid.toml", workers)
+
+
+def _run_variants(path: Path, load, out: Path, copy_as: str, workers: int) -> None:
+    """Load the variants of `path` (a bad key exits 2 naming it), keep a copy of the file in `out`, run every
+    unfinished trial and write the report."""
     from fedvlm.benchmark.report import write_report
 
     try:
-        variants = load_grid(grid)
+        variants = load(path)
     except SpecError as exc:
-        console.print(f"[red]error:[/] {grid}: {exc}")
+        console.print(f"[red]error:[/] {path}: {exc}")
         raise typer.Exit(2) from None
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grid, out / "grid.toml")
+    shutil.copyfile(path, out / copy_as)
     ran = _execute(variants, out, workers)
     report = write_report(out)
     console.print(f"{len(ran)} trial(s) run, {len(variants)} variant(s); report: {report}")
