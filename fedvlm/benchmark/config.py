@@ -146,10 +146,27 @@ def load_grid(path: Path) -> list[Variant]:
     return expand_grid(load_toml(path))
 
 
+# Grid keys a baseline does not depend on: baselines never aggregate (no algorithm), and the centralized model
+# trains on the union of the clients' data, whatever the split.
+_NOT_FOR_BASELINES = ("task.algorithm",)
+_NOT_FOR_CENTRALIZED = ("experiment.partition", "experiment.partition_key", "experiment.num_clients",
+                        "experiment.clients_per_round")
+
+
 def expand_grid(raw: dict[str, Any]) -> list[Variant]:
+    """The variants of a sweep: the cartesian product of ``[grid]``, then, for each name in the top-level
+    ``baselines`` list ("centralized", "local"), the same product over the axes that baseline depends on."""
     raw = copy.deepcopy(raw)
     grid = _table(raw.pop("grid", {}), "grid")
-    BenchConfig.from_dict(raw)  # the base alone must be valid: its errors name the key without a grid prefix
+    baselines = raw.pop("baselines", [])
+    if not isinstance(baselines, list) or any(b not in BASELINES[1:] for b in baselines) \
+            or len(set(baselines)) != len(baselines):
+        raise SpecError(f"baselines: expected a list of distinct names from {', '.join(BASELINES[1:])}")
+    if baselines and "experiment.baseline" in grid:
+        raise SpecError("baselines: cannot be combined with a grid over experiment.baseline")
+    base = BenchConfig.from_dict(raw)  # the base alone must be valid: its errors name the key without a grid prefix
+    if baselines and base.experiment.baseline != "federated":
+        raise SpecError("baselines: the base experiment must be federated (experiment.baseline)")
     axes: list[tuple[str, list[Any]]] = []
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -160,11 +177,24 @@ def expand_grid(raw: dict[str, Any]) -> list[Variant]:
         if key in ("experiment.seeds", "experiment.name"):
             raise SpecError(f"grid.{key}: cannot be swept (seeds are listed in experiment.seeds)")
         axes.append((key, values))
+    variants = _product(raw, axes, {})
+    for baseline in baselines:
+        skip = _NOT_FOR_BASELINES + (_NOT_FOR_CENTRALIZED if baseline == "centralized" else ())
+        kept = [(k, v) for k, v in axes if not k.startswith(skip)]
+        variants += _product(raw, kept, {"experiment.baseline": baseline})
+    names = [v.name for v in variants]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise SpecError(f"grid: two variants share the name {duplicate!r}")
+    return variants
+
+
+def _product(raw: dict[str, Any], axes: list[tuple[str, list[Any]]], fixed: dict[str, Any]) -> list[Variant]:
+    """One variant per combination of the axes' values, each with ``fixed`` set too (named first)."""
     variants: list[Variant] = []
-    names: set[str] = set()
     for combo in itertools.product(*(values for _, values in axes)):
         variant = copy.deepcopy(raw)
-        values = dict(zip([k for k, _ in axes], combo, strict=True))
+        values = {**fixed, **dict(zip([k for k, _ in axes], combo, strict=True))}
         for key, value in values.items():
             node = variant
             *path, leaf = key.split(".")
@@ -178,9 +208,6 @@ def expand_grid(raw: dict[str, Any]) -> list[Variant]:
         except SpecError as exc:
             raise SpecError(f"grid ({_describe(values)}): {exc}") from exc
         name = _slug(values) if values else config.experiment.name
-        if name in names:
-            raise SpecError(f"grid: two variants share the name {name!r}")
-        names.add(name)
         variants.append(Variant(name, values, config))
     return variants
 
