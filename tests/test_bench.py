@@ -93,6 +93,22 @@ def test_bad_grid_keys_are_named(tmp_path):
     assert len(trials_of(variants)) == 4
 
 
+def test_baselines_list_adds_each_baseline_once_per_setting_it_depends_on():
+    text = 'baselines = ["centralized", "local"]\n' + SWEEP + '"task.algorithm.name" = ["fedavg", "fedprox"]\n'
+    names = [v.name for v in expand_grid(_raw(text))]
+    assert names == [
+        "partition=iid__name=fedavg", "partition=iid__name=fedprox", "partition=dirichlet-0.5__name=fedavg",
+        "partition=dirichlet-0.5__name=fedprox",
+        "baseline=centralized",  # the union of the clients' data: neither the split nor the algorithm matter
+        "baseline=local__partition=iid", "baseline=local__partition=dirichlet-0.5"]
+    variants = expand_grid(_raw(text))
+    assert [v.config.experiment.baseline for v in variants].count("federated") == 4
+    with pytest.raises(SpecError, match="baselines"):
+        expand_grid(_raw(text.replace('["centralized", "local"]', '["solo"]')))
+    with pytest.raises(SpecError, match="baselines"):
+        expand_grid(_raw(text + '"experiment.baseline" = ["federated", "local"]\n'))
+
+
 def test_suites_in_the_repo_are_valid():
     suites = sorted((Path(__file__).parents[1] / "bench" / "suites").glob("*.toml"))
     assert len(suites) >= 4
@@ -111,8 +127,10 @@ def test_small_sweep_report_and_resume(tmp_path, cache):
     assert result.exit_code == 0, result.output
     assert "4 trial(s) run" in result.output
     report = (out / "report.md").read_text()
-    assert "| variant | partition | seeds | accuracy | MB up | MB down | wall s |" in report
-    assert "| partition=iid | iid | 2/2 |" in report and "| partition=dirichlet-0.5 | dirichlet:0.5 | 2/2 |" in report
+    assert "| variant | partition | baseline | seeds | accuracy | MB up | MB down | wall s |" in report
+    assert "| partition=iid | iid | federated | 2/2 |" in report
+    assert "| partition=dirichlet-0.5 | dirichlet:0.5 | federated | 2/2 |" in report
+    assert "| all | federated | " not in report and "Drop of the final metric from IID" in report
     assert "±" in report
     for png in ("rounds.png", "heterogeneity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -156,6 +174,50 @@ def test_baselines(tmp_path, cache, baseline):
     else:
         assert [c["client"] for c in clients] == ["site-1", "site-2"]
         assert sum(c["num_examples"] for c in clients) == 32
+
+
+def test_stragglers_miss_the_round_deadline(tmp_path, cache):
+    """Half the clients are 10x slower; a deadline between their times refuses their updates (no bytes up) and
+    closes every round at the deadline; with a quorum the fast half cannot meet, no round aggregates."""
+    text = SWEEP.split("[grid]")[0].replace("seeds = [0, 1]", "seeds = [3]").replace("num_clients = 2",
+                                                                                      "num_clients = 4")
+    text += "stragglers = 0.5\nstraggler_slowdown = 10.0\nstep_seconds = 1\nround_deadline = 5\ntarget = 0.01\n"
+    out = tmp_path / "deadline"
+    run_study(expand_grid(_raw(text)), out)
+    trial = out / "trials" / "small" / "seed-3"
+    rounds = [json.loads(x) for x in (trial / "rounds.jsonl").read_text().splitlines()]
+    clients = [json.loads(x) for x in (trial / "clients.jsonl").read_text().splitlines()]
+    assert all(c["steps"] in (1, 2) for c in clients)  # a normal client takes at most 2 s, a straggler 10+ s
+    late = sorted({c["client"] for c in clients if c.get("late")})
+    assert len(late) == 2 and all(sorted(r["late"]) == late and r["aggregated"] for r in rounds)
+    assert [r["sim_clock"] for r in rounds] == [5.0, 10.0]
+    assert all(c["bytes_up"] == 0 for c in clients if c.get("late"))
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["bytes_up"] == sum(c["bytes_up"] for c in clients) == 2 * 2 * clients[0]["bytes_down"]
+    from fedvlm.benchmark.report import write_report
+
+    report = write_report(out).read_text()
+    assert "## Stragglers and the round deadline" in report and "| small | 0.5 | 5 | 2.00 ± 0.00 | 0.0 ± 0.0 |" \
+        in report
+    assert "## Cost to reach the target" in report and (out / "to_target.png").exists()
+
+    lost = tmp_path / "lost"
+    run_study(expand_grid(_raw(text.replace("round_deadline = 5", "round_deadline = 5\nquorum = 3"))), lost)
+    rounds = [json.loads(x) for x in (lost / "trials/small/seed-3/rounds.jsonl").read_text().splitlines()]
+    assert [r["aggregated"] for r in rounds] == [False, False]
+    first = adapters.from_bytes((lost / "trials/small/seed-3/global.safetensors").read_bytes())
+    fresh = _fresh_global(_raw(text), lost, cache)
+    assert first.keys() == fresh.keys() and all(torch.equal(first[k], fresh[k]) for k in fresh)
+
+
+def _fresh_global(raw: dict, out: Path, cache: Path) -> dict:
+    """Global 0 of a trial with seed 3: what a run that never aggregates must end with."""
+    from fedvlm.benchmark.data import prepare
+    from fedvlm.learner import Learner
+
+    config = BenchConfig.from_dict(raw)
+    data = prepare(config.experiment, 3, out / "data")
+    return Learner(config.for_seed(3), data.sites[0], cache_dir=cache).adapter_state()
 
 
 def test_parallel_workers(tmp_path, cache):
@@ -229,3 +291,27 @@ seeds = [0]
     assert moved > 1e-4  # the round trained something, well above the tolerance of the comparison
     for key in real:
         assert torch.allclose(simulated[key], real[key], atol=1e-6, rtol=1e-5), key
+
+
+def test_multitask_report_draws_a_radar(tmp_path):
+    """Per-task primary metrics (``<task>/<primary>``) of the variants land in radar.png, relative to the best."""
+    from fedvlm.benchmark.report import write_report
+
+    scores = {"federated": {"classification/accuracy": 0.5, "vqa/accuracy": 0.4, "captioning/cider": 0.2},
+              "centralized": {"classification/accuracy": 0.6, "vqa/accuracy": 0.3, "captioning/cider": 0.4}}
+    variants = []
+    for name, metrics in scores.items():
+        config = BenchConfig.from_dict(_raw(TASK + f'[experiment]\nbaseline = "{name}"\n')).to_dict()
+        variants.append({"name": name, "values": {"experiment.baseline": name}, "config": config, "seeds": [0]})
+        trial = tmp_path / "trials" / name / "seed-0"
+        trial.mkdir(parents=True)
+        (trial / "rounds.jsonl").write_text(json.dumps({"round": 1, "metrics": metrics, "bytes_up": 0,
+                                                        "bytes_down": 0, "seconds": 1.0}) + "\n")
+        (trial / "summary.json").write_text(json.dumps({"final_metrics": metrics, "bytes_up": 0, "bytes_down": 0,
+                                                        "wall_seconds": 1.0}))
+        (trial / "DONE").write_text("")
+    (tmp_path / "study.json").write_text(json.dumps({"variants": variants}))
+    report = write_report(tmp_path).read_text()
+    assert "## Per task (multi-task)" in report and "![per-task radar](radar.png)" in report
+    assert (tmp_path / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| federated | centralized |" not in report and "| centralized | centralized | 1/1 |" in report

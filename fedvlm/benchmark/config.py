@@ -44,6 +44,16 @@ class ExperimentSpec:
     test_size: int = 0  # built-in datasets: records per task in the evaluation split (0 = the dataset's default)
     eval_every: int = 1  # evaluate the global every this many rounds (the last round always)
     metric: str = ""  # the headline metric of the report ("" = accuracy, cider or miou, whichever the task gives)
+    target: float = 0.0  # report: rounds, simulated seconds and bytes until the headline metric first reaches it
+    # Stragglers under a round deadline, on a simulated clock: a client's round takes steps x step_seconds, times
+    # straggler_slowdown for the `stragglers` fraction of clients (drawn per seed). With round_deadline > 0, an
+    # update later than the deadline is refused (as the coordinator does) and the round lasts the deadline; fewer
+    # than `quorum` updates in time: the round is lost (the global stays).
+    stragglers: float = 0.0
+    straggler_slowdown: float = 4.0
+    step_seconds: float = 0.1
+    round_deadline: float = 0.0  # simulated seconds; 0 = every sampled client is waited for
+    quorum: int = 1
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name) is not None,
@@ -62,6 +72,12 @@ class ExperimentSpec:
         _require(self.train_size >= 0, "experiment.train_size", "must be >= 0")
         _require(self.test_size >= 0, "experiment.test_size", "must be >= 0")
         _require(self.eval_every >= 1, "experiment.eval_every", "must be >= 1")
+        _require(0.0 <= self.stragglers <= 1.0, "experiment.stragglers", "must be a fraction in [0, 1]")
+        _require(self.straggler_slowdown >= 1.0, "experiment.straggler_slowdown", "must be >= 1")
+        _require(self.step_seconds > 0, "experiment.step_seconds", "must be > 0")
+        _require(self.round_deadline >= 0, "experiment.round_deadline", "must be >= 0 (0 = no deadline)")
+        _require(1 <= self.quorum <= self.sampled_per_round, "experiment.quorum",
+                 "must be between 1 and the clients sampled per round")
         if method == "sites":
             _require(self.dataset not in BUILTIN_DATASETS, "experiment.partition",
                      "\"sites\" needs experiment.dataset to be a directory with site_<i> folders")
@@ -148,7 +164,8 @@ def load_grid(path: Path) -> list[Variant]:
 
 # Grid keys a baseline does not depend on: baselines never aggregate (no algorithm), and the centralized model
 # trains on the union of the clients' data, whatever the split.
-_NOT_FOR_BASELINES = ("task.algorithm",)
+_NOT_FOR_BASELINES = ("task.algorithm", "experiment.stragglers", "experiment.straggler_slowdown",
+                      "experiment.step_seconds", "experiment.round_deadline", "experiment.quorum")
 _NOT_FOR_CENTRALIZED = ("experiment.partition", "experiment.partition_key", "experiment.num_clients",
                         "experiment.clients_per_round")
 
@@ -234,6 +251,8 @@ def _experiment(raw: dict[str, Any]) -> ExperimentSpec:
             if not isinstance(value, list):
                 raise SpecError("experiment.seeds: expected a list of integers")
             value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         elif isinstance(default, bool) or not isinstance(value, type(default)) or isinstance(value, bool):
             raise SpecError(f"experiment.{key}: expected {type(default).__name__}, got {type(value).__name__}")
         values[key] = value

@@ -9,11 +9,18 @@ A round is what coordinator.rounds and client.agent do over the wire, without th
 Global 0 is the adapter of a fresh Learner built from the trial's spec (what the real INIT site uploads). Bytes
 sent each way are the sizes of the safetensors files that would cross the wire. Baselines: ``centralized`` trains
 one client on the union of the sites' data; ``local`` trains every client on its own data only, never aggregating.
+
+Stragglers: a simulated clock advances by each round's length, ``steps x step_seconds`` of its slowest client
+(stragglers ``straggler_slowdown`` times slower). With a ``round_deadline``, an update later than it is refused as
+the coordinator refuses it (its training is wasted, no bytes go up) and the round lasts the deadline; with fewer
+than ``quorum`` updates the global stays unchanged (the coordinator would sample again; here the round number
+advances, so every trial has the same number of rounds).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +49,11 @@ def client_names(n: int) -> list[str]:
     """Virtual client names, in the order the coordinator aggregates them (by name)."""
     width = len(str(n))
     return [f"site-{i + 1:0{width}d}" for i in range(n)]
+
+
+def straggler_set(names: list[str], fraction: float, seed: int) -> set[str]:
+    """The slow clients of a trial: ``round(fraction * N)`` of them, drawn with the trial's seed."""
+    return set(random.Random(f"stragglers-{seed}").sample(names, round(fraction * len(names))))
 
 
 def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progress: Progress | None = None,
@@ -73,7 +85,9 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
     server_state = algorithm.initial_state(global_state)
     local_states: dict[str, Tensors] = {name: dict(global_state) for name in names}
     client_states: dict[str, Tensors] = {name: {} for name in names}
+    slow = straggler_set(names, exp.stragglers, seed)
     bytes_up = bytes_down = 0
+    clock = 0.0  # the simulated clock (seconds): client steps x step_seconds, rounds closed at the deadline
     final: dict[str, float] = {}
     try:
         for rnd in range(1, exp.rounds + 1):
@@ -88,6 +102,8 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
             global_bytes = len(adapters.to_bytes(global_state)) if exp.baseline == "federated" else 0
             updates: list[ClientUpdate] = []
             round_up = 0
+            late: list[str] = []
+            times: list[float] = []
             for name in sampled:
                 tick(f"round {rnd}/{exp.rounds}: {name}")
                 start = local_states[name] if exp.baseline == "local" else base
@@ -100,10 +116,15 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
                     return hooks[-1]
 
                 result = learner.train_round(rnd, make_hook=make_hook if exp.baseline == "federated" else None)
+                sim = result.steps * exp.step_seconds * (exp.straggler_slowdown if name in slow else 1.0)
+                times.append(sim)
                 record = {"round": rnd, "client": name, "num_examples": result.num_examples, "steps": result.steps,
                           "loss_first": result.loss_first, "loss_last": result.loss_last,
-                          "seconds": round(result.seconds, 3)}
-                if exp.baseline == "federated":
+                          "seconds": round(result.seconds, 3), "sim_seconds": round(sim, 6)}
+                if exp.baseline == "federated" and 0 < exp.round_deadline < sim:
+                    late.append(name)  # the coordinator refuses an update after the deadline: trained for nothing
+                    record.update(late=True, bytes_up=0, bytes_down=global_bytes)
+                elif exp.baseline == "federated":
                     update = learner.adapter_state(rnd)
                     sent_aux, new_state = hooks[0].finish(result.steps, spec.train.lr)
                     expected = algorithm.expected_aux(update)
@@ -120,13 +141,16 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
                 clients_log.write(json.dumps(record, sort_keys=True) + "\n")
                 done += 1
             server_metrics: dict[str, float] = {}
+            clock += exp.round_deadline if late else max(times, default=0.0)
+            aggregated = exp.baseline != "federated" or len(updates) >= exp.quorum
             if exp.baseline == "federated":
+                bytes_up += round_up
+                bytes_down += global_bytes * len(sampled)
+            if exp.baseline == "federated" and aggregated:
                 result = algorithm.aggregate(base, updates, server_state, rnd)
                 server_state = result.state
                 server_metrics = result.metrics
                 global_state = next_global(base, result)
-                bytes_up += round_up
-                bytes_down += global_bytes * len(sampled)
             elif exp.baseline == "centralized":
                 global_state = local_states["union"]
             evaluate = rnd % exp.eval_every == 0 or rnd == exp.rounds
@@ -136,9 +160,11 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
                 metrics = _evaluate(learner, exp.baseline, global_state, local_states, names, data.eval_json, rnd)
                 final = metrics
             rounds_log.write(json.dumps({
-                "round": rnd, "sampled": sampled, "metrics": metrics, "server_metrics": server_metrics,
-                "bytes_up": round_up, "bytes_down": global_bytes * len(sampled) if exp.baseline == "federated" else 0,
-                "seconds": round(time.monotonic() - round_started, 3)}, sort_keys=True) + "\n")
+                "round": rnd, "sampled": sampled, "late": late, "aggregated": aggregated, "metrics": metrics,
+                "server_metrics": server_metrics, "bytes_up": round_up,
+                "bytes_down": global_bytes * len(sampled) if exp.baseline == "federated" else 0,
+                "sim_clock": round(clock, 6), "seconds": round(time.monotonic() - round_started, 3)},
+                sort_keys=True) + "\n")
             rounds_log.flush()
             clients_log.flush()
     finally:
