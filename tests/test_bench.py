@@ -4,6 +4,7 @@ simulation against a real federation (coordinator + two fedvlm-client processes)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,47 @@ def test_multitask_report_draws_a_radar(tmp_path):
     assert "## Per task (multi-task)" in report and "![per-task radar](radar.png)" in report
     assert (tmp_path / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| federated | centralized |" not in report and "| centralized | centralized | 1/1 |" in report
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_on_a_local_ray_cluster(tmp_path, cache):
+    """`--ray ADDRESS`: a real Ray head on 127.0.0.1 runs the trials as tasks; the driver writes every trial's
+    files and the report; a re-run runs nothing; an unreachable address fails at once and writes nothing."""
+    import subprocess
+    import sys
+
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    env = {**os.environ, "FEDVLM_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        grid = tmp_path / "grid.toml"
+        grid.write_text(SWEEP.replace("rounds = 2", "rounds = 1"))
+        out = tmp_path / "out"
+        command = [str(Path(sys.executable).with_name("fedvlm")), "bench", "sweep", str(grid), "--out", str(out),
+                   "--ray", f"127.0.0.1:{port}"]
+        first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "4 trial(s) run" in first.stdout
+        for trial in trials_of(expand_grid(_raw(grid.read_text()))):
+            folder = out / "trials" / trial.variant / f"seed-{trial.seed}"
+            assert {"DONE", "summary.json", "rounds.jsonl", "clients.jsonl", "global.safetensors",
+                    "config.json"} <= {p.name for p in folder.iterdir()}
+            assert "accuracy" in json.loads((folder / "summary.json").read_text())["final_metrics"]
+        assert "| partition=iid | iid | federated | 2/2 |" in (out / "report.md").read_text()
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and "0 trial(s) run" in again.stdout, again.stdout + again.stderr
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    result = CliRunner().invoke(app, ["bench", "sweep", str(grid), "--out", str(tmp_path / "none"), "--ray",
+                                      f"127.0.0.1:{port}"])
+    assert result.exit_code == 2 and "cannot reach the Ray cluster" in result.output
+    assert not (tmp_path / "none").exists()

@@ -9,6 +9,11 @@ Results folder::
 
 A trial is finished when its ``DONE`` marker exists (written atomically, last); a re-run skips finished trials
 and redoes unfinished ones from scratch.
+
+Trials run in this process, in worker processes (``workers``), or as Ray tasks (``ray_address``, one CPU each):
+a Ray task runs its trial in a temporary folder on its node (built-in data prepared under the node's temporary
+directory) and returns the trial's files, which the driver writes into ``DIR`` (``DONE`` last), so the cluster
+needs no shared file system; a dataset given as a directory must exist at the same path on every node.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import multiprocessing
 import os
 import platform
 import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -61,11 +68,21 @@ def write_study(out: Path, variants: list[Variant]) -> None:
     _write_atomic(out / "versions.json", json.dumps(versions(), indent=2, sort_keys=True))
 
 
-def run_study(variants: list[Variant], out: Path, workers: int = 1, progress: Progress | None = None) -> list[str]:
+class RayUnavailable(RuntimeError):
+    """``--ray`` was asked for but Ray is not installed or the cluster cannot be reached."""
+
+
+def run_study(variants: list[Variant], out: Path, workers: int = 1, progress: Progress | None = None,
+              ray_address: str | None = None) -> list[str]:
     """Run every unfinished trial; returns the ids of the trials run now (finished ones are skipped)."""
     out = Path(out)
+    if ray_address is not None:
+        check_ray(ray_address)  # before anything is written
     write_study(out, variants)
     todo = [t for t in trials_of(variants) if not is_done(out, t)]
+    if ray_address is not None:
+        _run_on_ray(todo, out, ray_address, progress)
+        return [t.id for t in todo]
     if workers <= 1 or len(todo) <= 1:
         for trial in todo:
             run_one(trial, out, progress)
@@ -80,6 +97,72 @@ def run_study(variants: list[Variant], out: Path, workers: int = 1, progress: Pr
     return [t.id for t in todo]
 
 
+def _run_on_ray(todo: list[Trial], out: Path, address: str, progress: Progress | None) -> None:
+    """One Ray task per trial (1 CPU); each finished trial's files are written into ``out`` as it arrives."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    try:
+        ray.init(address=None if address == "local" else address, logging_level="WARNING", log_to_driver=False,
+                 configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=1)(_ray_trial)
+        pending = {remote.remote(trial): trial for trial in todo}
+        finished = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            trial = pending.pop(ready[0])
+            _install(out, trial, ray.get(ready[0]))  # a failed trial raises: the finished ones are kept
+            finished += 1
+            if progress is not None:
+                progress(trial.id, finished, len(todo), "trials")
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def check_ray(address: str) -> None:
+    """``RayUnavailable`` unless Ray is installed and a ``host:port`` address accepts a TCP connection within 5 s
+    (Ray itself retries for minutes)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise RayUnavailable("--ray needs Ray: pip install 'fedvlm[ray]'") from None
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "local", "auto", "ray://...": Ray resolves them
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+def _ray_trial(trial: Trial) -> dict[str, bytes]:
+    """Run one trial in a temporary folder on this node; return its files (relative name -> content)."""
+    import torch
+
+    torch.set_num_threads(1)
+    data_root = Path(tempfile.gettempdir()) / "fedvlm-bench-data"
+    with tempfile.TemporaryDirectory(prefix="fedvlm-trial-") as tmp:
+        run_one(trial, Path(tmp), None, data_root=data_root)
+        folder = trial_dir(Path(tmp), trial)
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _install(out: Path, trial: Trial, files: dict[str, bytes]) -> None:
+    """Write a trial's files returned by a remote task into its folder, ``DONE`` last."""
+    folder = trial_dir(out, trial)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        if name != DONE:
+            (folder / name).write_bytes(content)
+    _write_atomic(folder / DONE, files.get(DONE, b"").decode() or f"{time.time()}\n")
+
+
 def _worker(trial: Trial, out: str) -> None:
     import torch
 
@@ -87,8 +170,9 @@ def _worker(trial: Trial, out: str) -> None:
     run_one(trial, Path(out), None)
 
 
-def run_one(trial: Trial, out: Path, progress: Progress | None = None) -> dict:
-    """Run one trial into its folder (wiped first if an earlier attempt left it unfinished); returns its summary."""
+def run_one(trial: Trial, out: Path, progress: Progress | None = None, data_root: Path | None = None) -> dict:
+    """Run one trial into its folder (wiped first if an earlier attempt left it unfinished); returns its summary.
+    Prepared data goes under ``data_root`` (default ``out/data``)."""
     from fedvlm.benchmark.data import prepare
     from fedvlm.benchmark.simulate import run_trial
 
@@ -100,7 +184,7 @@ def run_one(trial: Trial, out: Path, progress: Progress | None = None) -> dict:
     _write_atomic(folder / "config.json", json.dumps({"variant": trial.variant, "seed": trial.seed, **resolved},
                                                      indent=2, sort_keys=True))
     started = time.time()
-    data = prepare(trial.config.experiment, trial.seed, Path(out) / "data")
+    data = prepare(trial.config.experiment, trial.seed, Path(data_root or Path(out) / "data"))
 
     def relay(done: int, total: int, what: str) -> None:
         if progress is not None:
