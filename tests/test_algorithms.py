@@ -122,19 +122,17 @@ def test_fedprox_term_adds_mu_times_distance_to_the_gradient():
     assert torch.allclose(w.grad - plain, 0.5 * t(0.4, 1.0))
 
 
-def test_scaffold_hook_corrects_gradients_and_computes_option_two():
+def test_scaffold_hook_corrects_gradients_and_sends_the_mean_local_gradient():
     w = torch.nn.Parameter(t(1.0, 1.0))
     c, c_i = {"scaffold.c/w": t(0.5, 0.0)}, {"w": t(0.1, 0.2)}
     hook = build(AlgorithmSpec(name="scaffold")).client_hook({"w": w}, c, c_i)
-    w.grad = t(1.0, 1.0)
-    hook.after_backward()
-    assert torch.allclose(w.grad, t(1.0 + 0.5 - 0.1, 1.0 + 0.0 - 0.2))
-    with torch.no_grad():
-        w.sub_(t(0.6, 0.3))  # y = x - [0.6, 0.3] after K = 3 steps at lr 0.1
-    aux, state = hook.finish(steps=3, lr=0.1)
-    expected = t(0.1, 0.2) - t(0.5, 0.0) + t(0.6, 0.3) / (3 * 0.1)  # c_i - c + (x - y) / (K lr)
-    assert torch.allclose(state["w"], expected)
-    assert torch.allclose(aux["scaffold.dc/w"], expected - t(0.1, 0.2))
+    for raw in (t(1.0, 1.0), t(3.0, -1.0)):  # two local steps with these raw gradients
+        w.grad = raw.clone()
+        hook.after_backward()
+        assert torch.allclose(w.grad, raw + t(0.5 - 0.1, 0.0 - 0.2))  # g - c_i + c
+    aux, state = hook.finish(steps=2, lr=0.1)
+    assert torch.allclose(state["w"], t(2.0, 0.0))  # c_i+ = the mean raw gradient, whatever the optimizer did
+    assert torch.allclose(aux["scaffold.dc/w"], t(2.0, 0.0) - t(0.1, 0.2))
 
 
 # -- a heterogeneous problem: per-site shifted least squares ---------------------------------------------------

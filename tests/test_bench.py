@@ -156,6 +156,13 @@ def test_small_sweep_report_and_resume(tmp_path, cache):
     changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t]
     assert changed == [out / "trials" / "partition=dirichlet-0.5" / "seed-0" / "summary.json"]
     assert run_study(expand_grid(_raw(SWEEP)), out) == []
+    # An edited grid file: new variants run, unchanged ones stay; a changed config re-runs its trials.
+    edited = SWEEP.replace('["iid", "dirichlet:0.5"]', '["iid", "dirichlet:0.3"]')
+    assert sorted(run_study(expand_grid(_raw(edited)), out)) == ["partition=dirichlet-0.3/seed-0",
+                                                                 "partition=dirichlet-0.3/seed-1"]
+    edited = edited.replace("lr = 0.001", "lr = 0.002")
+    assert len(run_study(expand_grid(_raw(edited)), out)) == 4
+    assert run_study(expand_grid(_raw(edited)), out) == []
     result = runner.invoke(app, ["bench", "report", str(out)])
     assert result.exit_code == 0, result.output
 

@@ -1,20 +1,26 @@
 """SCAFFOLD (Karimireddy et al., 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML).
 
 Control variates correct the client drift of local steps. The server keeps c, each site keeps c_i (zero at start).
-On site i, starting from the global x, every local step uses the corrected gradient g_i(y) - c_i + c; after K
-local steps at learning rate lr, ending at y_i, the option-II update of the paper's Algorithm 1 is
+On site i, starting from the global x, every local step uses the corrected gradient g_i(y) - c_i + c. The site's
+new control variate is its mean local gradient over the round's K steps (the raw g_i(y_k), before correction and
+clipping), an along-the-trajectory estimate of the paper's option I (the local gradient at x):
 
-    c_i+ = c_i - c + (x - y_i) / (K lr),     sent with the update: dc_i = c_i+ - c_i
+    c_i+ = (1 / K) sum_k g_i(y_k),     sent with the update: dc_i = c_i+ - c_i
 
 and the server, with S the round's sites and N all sites (`scaffold_clients`, 0 = |S|, full participation):
 
     x  <- x + server_lr * mean_{i in S}(y_i - x)
     c  <- c + (1 / N) sum_{i in S} dc_i
 
+Why not option II, c_i+ = c_i - c + (x - y_i) / (K lr): it measures the gradient only when the local optimizer is
+plain SGD. fedvlm trains with AdamW, whose steps are about lr per coordinate whatever the gradient's size, so option
+II made c_i of order 1 while the adapters' gradients are of order 1e-3; the correction then swamped the gradients
+and the model never learned (accuracy 0 in the first run of benchmark suite 2, docs/benchmark.md). The mean
+gradient is in gradient units for any optimizer, and x* stays a fixed point: at the optimum every site's corrected
+gradient is g_i(y) - g_i(x*) + 0.
+
 Wire: dc_i travels in the update as aux tensors ``fedvlm.aux/scaffold.dc/<name>``; c travels in the global as
 ``fedvlm.aux/scaffold.c/<name>`` (signed with it). State: c on the coordinator, c_i in the site's --state directory.
-With an adaptive local optimizer (AdamW here) (x - y_i) / (K lr) is an estimate of the mean local gradient rather
-than its exact value, as in FedVLMBench.
 """
 
 from __future__ import annotations
@@ -46,25 +52,24 @@ class ScaffoldHook(ClientHook):
     def __init__(self, params: Mapping[str, torch.nn.Parameter], c: Mapping[str, torch.Tensor],
                  c_i: Mapping[str, torch.Tensor]) -> None:
         super().__init__(params)
-        self.start = {n: p.detach().clone() for n, p in self.params.items()}
         zeros = {n: torch.zeros_like(p, dtype=torch.float32, device="cpu") for n, p in self.params.items()}
         self.c = {n: c.get(n, zeros[n]).float() for n in self.params}
         self.c_i = {n: c_i.get(n, zeros[n]).float() for n in self.params}
         self.correction = {n: (self.c[n] - self.c_i[n]).to(p.device, p.dtype) for n, p in self.params.items()}
+        self.grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.grad_steps = 0
 
     def after_backward(self) -> None:
+        self.grad_steps += 1
         for name, p in self.params.items():
             if p.grad is not None:
+                self.grad_sum[name].add_(p.grad.float())  # the raw local gradient, before the correction
                 p.grad.add_(self.correction[name])
 
     def finish(self, steps: int, lr: float) -> tuple[Tensors, Tensors]:
         aux, state = {}, {}
-        for name, p in self.params.items():
-            if steps > 0:
-                drift = (self.start[name] - p.detach()).float().cpu() / (steps * lr)
-                new = self.c_i[name] - self.c[name] + drift
-            else:
-                new = self.c_i[name]
+        for name in self.params:
+            new = (self.grad_sum[name].cpu() / self.grad_steps) if self.grad_steps else self.c_i[name]
             aux[DC + name] = (new - self.c_i[name]).contiguous()
             state[name] = new.contiguous()
         return aux, state

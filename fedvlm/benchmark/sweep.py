@@ -7,8 +7,9 @@ Results folder::
     DIR/data/                               prepared site folders, shared by the trials
     DIR/trials/<variant>/seed-<s>/          config.json, rounds.jsonl, clients.jsonl, summary.json, DONE
 
-A trial is finished when its ``DONE`` marker exists (written atomically, last); a re-run skips finished trials
-and redoes unfinished ones from scratch.
+A trial is finished when its ``DONE`` marker exists (written atomically, last) and its ``config.json`` is the
+config it would run now; a re-run skips finished trials and redoes the others (unfinished, or whose config changed)
+from scratch.
 
 Trials run in this process, in worker processes (``workers``), or as Ray tasks (``ray_address``, one CPU each):
 a Ray task runs its trial in a temporary folder on its node (built-in data prepared under the node's temporary
@@ -57,7 +58,21 @@ def trial_dir(out: Path, trial: Trial) -> Path:
 
 
 def is_done(out: Path, trial: Trial) -> bool:
-    return (trial_dir(out, trial) / DONE).exists()
+    """Finished, with the config it would run now: a trial whose config changed since (an edited grid file, a
+    new default) is not done, and re-runs."""
+    folder = trial_dir(out, trial)
+    if not (folder / DONE).exists():
+        return False
+    try:
+        return json.loads((folder / "config.json").read_text()) == json.loads(json.dumps(_recorded_config(trial)))
+    except (OSError, ValueError):
+        return False
+
+
+def _recorded_config(trial: Trial) -> dict:
+    """What a trial's ``config.json`` holds: variant, seed and the resolved config (task.seed = the trial's)."""
+    return {"variant": trial.variant, "seed": trial.seed, **trial.config.to_dict(),
+            "task": json.loads(trial.config.for_seed(trial.seed).to_json())}
 
 
 def write_study(out: Path, variants: list[Variant]) -> None:
@@ -180,9 +195,7 @@ def run_one(trial: Trial, out: Path, progress: Progress | None = None, data_root
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    resolved = {**trial.config.to_dict(), "task": json.loads(trial.config.for_seed(trial.seed).to_json())}
-    _write_atomic(folder / "config.json", json.dumps({"variant": trial.variant, "seed": trial.seed, **resolved},
-                                                     indent=2, sort_keys=True))
+    _write_atomic(folder / "config.json", json.dumps(_recorded_config(trial), indent=2, sort_keys=True))
     started = time.time()
     data = prepare(trial.config.experiment, trial.seed, Path(data_root or Path(out) / "data"))
 
