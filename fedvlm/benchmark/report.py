@@ -92,7 +92,8 @@ def write_report(out: Path) -> Path:
                _fmt([t["summary"]["bytes_down"] / 1e6 for t in done], 3),
                _fmt([t["summary"]["wall_seconds"] for t in done], 1)]
         lines.append("| " + " | ".join(row) + " |")
-    all_metrics = sorted({k for t in trials for k in t["summary"]["final_metrics"]} - {metric})
+    all_metrics = sorted(k for k in {k for t in trials for k in t["summary"]["final_metrics"]} - {metric}
+                         if not k.endswith("num_examples"))  # the evaluation set's size, the same for all
     if all_metrics:
         lines += ["", "## All final metrics", "", "| variant | " + " | ".join(all_metrics) + " |",
                   "|" + "---|" * (len(all_metrics) + 1)]
@@ -352,6 +353,10 @@ def _straggler_table(variants: list[dict], by_variant: dict) -> list[str]:
     for variant in variants:
         exp = variant["config"]["experiment"]
         done = by_variant[variant["name"]]
+        if exp["baseline"] != "federated":  # no rounds to wait for: only the simulated time compares
+            clock = [t["rounds"][-1].get("sim_clock", 0.0) for t in done if t["rounds"]]
+            table.append(f"| {variant['name']} | n/a | n/a | n/a | n/a | {_fmt(clock, 1)} |")
+            continue
         late = [statistics.fmean(len(r.get("late", [])) for r in t["rounds"]) for t in done if t["rounds"]]
         lost = [sum(not r.get("aggregated", True) for r in t["rounds"]) for t in done]
         clock = [t["rounds"][-1].get("sim_clock", 0.0) for t in done if t["rounds"]]
