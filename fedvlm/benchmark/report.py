@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def _figure(count: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(4, max(1, count))
+    cols = max(1, count) if count <= 3 else min(4, math.ceil(math.sqrt(count)))  # 4 panels: 2 x 2
     rows = -(-max(1, count) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols if count > 1 else 7, 3.6 * rows if count > 1 else 4.5),
                              squeeze=False)
@@ -278,8 +279,6 @@ def _task_metrics(keys: list[str]) -> list[str]:
 
 
 def _plot_radar(path: Path, variants: list[dict], by_variant: dict, keys: list[str]) -> None:
-    import math
-
     import matplotlib
 
     matplotlib.use("Agg")
