@@ -94,6 +94,15 @@ def test_bad_grid_keys_are_named(tmp_path):
     assert len(trials_of(variants)) == 4
 
 
+def test_help_names_the_config_tables():
+    # rich reads "[task]" as markup and would drop it from the help text
+    runner = CliRunner()
+    sweep = " ".join(runner.invoke(app, ["bench", "sweep", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "[task], [experiment] and [grid]" in sweep and "fedvlm[ray]" in sweep
+    run = " ".join(runner.invoke(app, ["bench", "run", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "[task] + [experiment]" in run
+
+
 def test_baselines_list_adds_each_baseline_once_per_setting_it_depends_on():
     text = 'baselines = ["centralized", "local"]\n' + SWEEP + '"task.algorithm.name" = ["fedavg", "fedprox"]\n'
     names = [v.name for v in expand_grid(_raw(text))]

@@ -44,8 +44,8 @@ def _execute(variants, out: Path, workers: int, ray_address: str | None) -> list
 
 
 @bench_app.command("run")
-def bench_run(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment TOML ([task] + "
-                                            "[experiment])."),
+def bench_run(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment TOML (\\[task] + "
+                                            "\\[experiment])."),
               out: Path = typer.Option(..., "--out", help="Results folder (re-running resumes it)."),
               workers: int = typer.Option(1, "--workers", min=1, help="Parallel worker processes (one per seed).")
               ) -> None:
@@ -60,13 +60,13 @@ def bench_run(config: Path = typer.Argument(..., exists=True, dir_okay=False, he
 
 
 @bench_app.command("sweep")
-def bench_sweep(grid: Path = typer.Argument(..., exists=True, dir_okay=False, help="Sweep TOML ([task], "
-                                            "[experiment] and [grid])."),
+def bench_sweep(grid: Path = typer.Argument(..., exists=True, dir_okay=False, help="Sweep TOML (\\[task], "
+                                            "\\[experiment] and \\[grid])."),
                 out: Path = typer.Option(..., "--out", help="Results folder (re-running skips finished trials)."),
                 workers: int = typer.Option(1, "--workers", min=1, help="Parallel worker processes."),
                 ray: str = typer.Option(None, "--ray", metavar="ADDRESS",
                                         help="Run the trials as tasks on the Ray cluster at ADDRESS (host:port, "
-                                             "ray://host:10001, auto; 'local' starts one here). Needs fedvlm[ray].")
+                                             "ray://host:10001, auto; 'local' starts one here). Needs fedvlm\\[ray].")
                 ) -> None:
     """Run every (variant, seed) of a grid; finished trials are skipped, so an interrupted sweep resumes."""
     from fedvlm.benchmark.config import load_grid
