@@ -311,15 +311,23 @@ seeds = [0]
 
 
 def test_multitask_report_draws_a_radar(tmp_path):
-    """Per-task primary metrics (``<task>/<primary>``) of the variants land in radar.png, relative to the best."""
+    """Per-task primary metrics (``<task>/<primary>``) of the variants land in radar.png, relative to the best;
+    with only the partition swept, the heterogeneity table has one federated line."""
     from fedvlm.benchmark.report import write_report
 
-    scores = {"federated": {"classification/accuracy": 0.5, "vqa/accuracy": 0.4, "captioning/cider": 0.2},
+    scores = {"partition=iid": {"classification/accuracy": 0.3, "vqa/accuracy": 0.4, "captioning/cider": 0.3},
+              "partition=task": {"classification/accuracy": 0.5, "vqa/accuracy": 0.4, "captioning/cider": 0.2},
               "centralized": {"classification/accuracy": 0.6, "vqa/accuracy": 0.3, "captioning/cider": 0.4}}
     variants = []
     for name, metrics in scores.items():
-        config = BenchConfig.from_dict(_raw(TASK + f'[experiment]\nbaseline = "{name}"\n')).to_dict()
-        variants.append({"name": name, "values": {"experiment.baseline": name}, "config": config, "seeds": [0]})
+        if name == "centralized":
+            values = {"experiment.baseline": name}
+            experiment = 'baseline = "centralized"'
+        else:
+            values = {"experiment.partition": name.split("=")[1]}
+            experiment = f'partition = "{values["experiment.partition"]}"'
+        config = BenchConfig.from_dict(_raw(TASK + f"[experiment]\n{experiment}\n")).to_dict()
+        variants.append({"name": name, "values": values, "config": config, "seeds": [0]})
         trial = tmp_path / "trials" / name / "seed-0"
         trial.mkdir(parents=True)
         (trial / "rounds.jsonl").write_text(json.dumps({"round": 1, "metrics": metrics, "bytes_up": 0,
@@ -331,7 +339,9 @@ def test_multitask_report_draws_a_radar(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "## Per task (multi-task)" in report and "![per-task radar](radar.png)" in report
     assert (tmp_path / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| federated | centralized |" not in report and "| centralized | centralized | 1/1 |" in report
+    assert "| federated | centralized |" not in report and "| centralized |  | centralized | 1/1 |" in report
+    # only the partition is swept: the federated variants form one line from IID to one task per client
+    assert "| all | federated | 0.300 | 0.500 (task) | -0.200 | -67% |" in report
 
 
 def _free_port() -> int:

@@ -182,6 +182,8 @@ def _panels(variants: list[dict], keys: list[str]) -> tuple[list[tuple], dict[tu
         label = str(values[line]) if line in values else ""
         if _baseline(variant) != "federated":
             label = f"{label} ({_baseline(variant)})" if label else _baseline(variant)
+        elif line is None:  # nothing left to tell the federated variants apart (e.g. only the partition is swept)
+            label = "federated"
         for panel in panels:  # a missing facet key (a baseline that does not depend on it) matches every panel
             if all(values.get(k, v) == v for k, v in panel):
                 members[panel].append((label or variant["name"], variant))
