@@ -140,7 +140,7 @@ def test_small_sweep_report_and_resume(tmp_path, cache):
     assert "| variant | partition | baseline | seeds | accuracy | MB up | MB down | wall s |" in report
     assert "| partition=iid | iid | federated | 2/2 |" in report
     assert "| partition=dirichlet-0.5 | dirichlet:0.5 | federated | 2/2 |" in report
-    assert "| all | federated | " not in report and "Drop of the final metric from IID" in report
+    assert "| all | federated | " in report and "Drop of the final metric from IID" in report  # one line: the splits
     assert "±" in report
     for png in ("rounds.png", "heterogeneity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -310,38 +310,53 @@ seeds = [0]
         assert torch.allclose(simulated[key], real[key], atol=1e-6, rtol=1e-5), key
 
 
-def test_multitask_report_draws_a_radar(tmp_path):
-    """Per-task primary metrics (``<task>/<primary>``) of the variants land in radar.png, relative to the best;
-    with only the partition swept, the heterogeneity table has one federated line."""
+def _fake_results(folder: Path, entries: list[tuple[str, dict, str, dict]]) -> str:
+    """A results folder of one-round, one-seed trials: (name, swept values, [experiment] lines, final metrics) per
+    variant; returns the report written for it."""
     from fedvlm.benchmark.report import write_report
 
-    scores = {"partition=iid": {"classification/accuracy": 0.3, "vqa/accuracy": 0.4, "captioning/cider": 0.3},
-              "partition=task": {"classification/accuracy": 0.5, "vqa/accuracy": 0.4, "captioning/cider": 0.2},
-              "centralized": {"classification/accuracy": 0.6, "vqa/accuracy": 0.3, "captioning/cider": 0.4}}
     variants = []
-    for name, metrics in scores.items():
-        if name == "centralized":
-            values = {"experiment.baseline": name}
-            experiment = 'baseline = "centralized"'
-        else:
-            values = {"experiment.partition": name.split("=")[1]}
-            experiment = f'partition = "{values["experiment.partition"]}"'
+    for name, values, experiment, metrics in entries:
         config = BenchConfig.from_dict(_raw(TASK + f"[experiment]\n{experiment}\n")).to_dict()
         variants.append({"name": name, "values": values, "config": config, "seeds": [0]})
-        trial = tmp_path / "trials" / name / "seed-0"
+        trial = folder / "trials" / name / "seed-0"
         trial.mkdir(parents=True)
         (trial / "rounds.jsonl").write_text(json.dumps({"round": 1, "metrics": metrics, "bytes_up": 0,
                                                         "bytes_down": 0, "seconds": 1.0}) + "\n")
         (trial / "summary.json").write_text(json.dumps({"final_metrics": metrics, "bytes_up": 0, "bytes_down": 0,
                                                         "wall_seconds": 1.0}))
         (trial / "DONE").write_text("")
-    (tmp_path / "study.json").write_text(json.dumps({"variants": variants}))
-    report = write_report(tmp_path).read_text()
+    (folder / "study.json").write_text(json.dumps({"variants": variants}))
+    return write_report(folder).read_text()
+
+
+def test_multitask_report_draws_a_radar(tmp_path):
+    """Per-task primary metrics (``<task>/<primary>``) of the variants land in radar.png, relative to the best;
+    with only the partition swept, the heterogeneity table has one federated line."""
+    report = _fake_results(tmp_path, [
+        ("partition=iid", {"experiment.partition": "iid"}, 'partition = "iid"',
+         {"classification/accuracy": 0.3, "vqa/accuracy": 0.4, "captioning/cider": 0.3}),
+        ("partition=task", {"experiment.partition": "task"}, 'partition = "task"',
+         {"classification/accuracy": 0.5, "vqa/accuracy": 0.4, "captioning/cider": 0.2}),
+        ("centralized", {"experiment.baseline": "centralized"}, 'baseline = "centralized"',
+         {"classification/accuracy": 0.6, "vqa/accuracy": 0.3, "captioning/cider": 0.4})])
     assert "## Per task (multi-task)" in report and "![per-task radar](radar.png)" in report
     assert (tmp_path / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| federated | centralized |" not in report and "| centralized |  | centralized | 1/1 |" in report
     # only the partition is swept: the federated variants form one line from IID to one task per client
     assert "| all | federated | 0.300 | 0.500 (task) | -0.200 | -67% |" in report
+
+
+def test_report_of_a_grid_over_tasks_leads_each_variant_with_its_own_metric(tmp_path):
+    """A grid over datasets of different tasks: VQA rows show accuracy, captioning rows CIDEr (not a blank)."""
+    report = _fake_results(tmp_path, [
+        ("dataset=vqa", {"experiment.dataset": "vqa"}, 'dataset = "vqa"', {"accuracy": 0.4, "accuracy_open": 0.3}),
+        ("dataset=captioning", {"experiment.dataset": "captioning"}, 'dataset = "captioning"',
+         {"cider": 0.6, "bleu_4": 0.1})])
+    assert "headline metric: `accuracy`, `cider`" in report
+    assert "| dataset=vqa | vqa | federated | 1/1 | accuracy 0.4000 ± 0.0000 |" in report
+    assert "| dataset=captioning | captioning | federated | 1/1 | cider 0.6000 ± 0.0000 |" in report
+    assert "| variant | accuracy_open | bleu_4 |" in report  # the headlines are not repeated under all metrics
 
 
 def _free_port() -> int:

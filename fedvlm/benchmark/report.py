@@ -75,25 +75,26 @@ def write_report(out: Path) -> Path:
     by_variant = {v["name"]: [t for t in trials if t["variant"] == v["name"]] for v in variants}
     swept = _swept_keys(variants)
     experiments = [v["config"]["experiment"] for v in variants]
-    wanted = next((e["metric"] for e in experiments if e["metric"]), "")
-    sample = next((t["summary"]["final_metrics"] for t in trials if t["summary"]["final_metrics"]), {})
-    metric = headline(sample, wanted)
+    metric_of = _headlines(variants, by_variant, trials, experiments)
+    metrics = list(dict.fromkeys(metric_of.values()))  # several when the grid sweeps datasets of different tasks
     lines = [f"# Benchmark report: {out.name}", "",
              f"{len(trials)} finished trial(s) of {sum(len(v['seeds']) for v in variants)}; "
-             f"headline metric: `{metric or 'none'}` (final round, mean ± std over seeds).", ""]
+             f"headline metric: {_names(metrics)} (final round, mean ± std over seeds).", ""]
     columns = [k for k in swept if k != "experiment.baseline"]
-    header = ["variant", *[k.split(".")[-1] for k in columns], "baseline", "seeds", metric or "metric", "MB up",
-              "MB down", "wall s"]
+    header = ["variant", *[k.split(".")[-1] for k in columns], "baseline", "seeds",
+              metrics[0] if len(metrics) == 1 else "metric", "MB up", "MB down", "wall s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
         done = by_variant[variant["name"]]
+        value = _fmt(_finals(done, metric_of[variant["name"]]))
         row = [variant["name"], *[str(variant["values"].get(k, "")) for k in columns], _baseline(variant),
-               f"{len(done)}/{len(variant['seeds'])}", _fmt(_finals(done, metric)),
+               f"{len(done)}/{len(variant['seeds'])}", value if len(metrics) == 1 else
+               f"{metric_of[variant['name']]} {value}",
                _fmt([t["summary"]["bytes_up"] / 1e6 for t in done], 3),
                _fmt([t["summary"]["bytes_down"] / 1e6 for t in done], 3),
                _fmt([t["summary"]["wall_seconds"] for t in done], 1)]
         lines.append("| " + " | ".join(row) + " |")
-    all_metrics = sorted(k for k in {k for t in trials for k in t["summary"]["final_metrics"]} - {metric}
+    all_metrics = sorted(k for k in {k for t in trials for k in t["summary"]["final_metrics"]} - set(metrics)
                          if not k.endswith("num_examples"))  # the evaluation set's size, the same for all
     if all_metrics:
         lines += ["", "## All final metrics", "", "| variant | " + " | ".join(all_metrics) + " |",
@@ -102,22 +103,43 @@ def write_report(out: Path) -> Path:
             cells = [_fmt(_finals(by_variant[variant["name"]], k)) for k in all_metrics]
             lines.append(f"| {variant['name']} | " + " | ".join(cells) + " |")
     lines += ["", "## Metric per round", "", "![metric vs round](rounds.png)", ""]
-    _plot_rounds(out / "rounds.png", variants, by_variant, metric, swept)
+    _plot_rounds(out / "rounds.png", variants, by_variant, metric_of, swept)
     if "experiment.partition" in swept:
         lines += ["## Metric vs heterogeneity", "", "![metric vs heterogeneity](heterogeneity.png)", "",
-                  *_heterogeneity(out / "heterogeneity.png", variants, by_variant, metric, swept), ""]
-    tasks = _task_metrics(all_metrics + [metric])
+                  *_heterogeneity(out / "heterogeneity.png", variants, by_variant, metric_of, swept), ""]
+    tasks = _task_metrics(all_metrics + metrics)
     if len(tasks) >= 2:
         _plot_radar(out / "radar.png", variants, by_variant, tasks)
         lines += ["## Per task (multi-task)", "", "Each task's primary metric, relative to the best variant on that "
                   "task (1.0 = best).", "", "![per-task radar](radar.png)", ""]
     if any(e["target"] > 0 for e in experiments):
         lines += ["## Cost to reach the target", "", *_to_target(out / "to_target.png", variants, by_variant,
-                                                                 metric), ""]
+                                                                 metric_of), ""]
     if any(e["round_deadline"] > 0 or e["stragglers"] > 0 for e in experiments):
         lines += ["## Stragglers and the round deadline", "", *_straggler_table(variants, by_variant), ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"
+
+
+def _headlines(variants: list[dict], by_variant: dict, trials: list[dict], experiments: list[dict]) -> dict[str, str]:
+    """Each variant's headline metric: ``experiment.metric`` if set, else from its own final metrics (a grid over
+    datasets mixes tasks: accuracy for VQA, cider for captioning)."""
+    wanted = next((e["metric"] for e in experiments if e["metric"]), "")
+    fallback = next((t["summary"]["final_metrics"] for t in trials if t["summary"]["final_metrics"]), {})
+    out = {}
+    for variant in variants:
+        sample = next((t["summary"]["final_metrics"] for t in by_variant[variant["name"]]
+                       if t["summary"]["final_metrics"]), fallback)
+        out[variant["name"]] = headline(sample, wanted)
+    return out
+
+
+def _names(metrics: list[str]) -> str:
+    return ", ".join(f"`{m}`" for m in metrics if m) or "`none`"
+
+
+def _ylabel(metric_of: dict[str, str], members: list[dict]) -> str:
+    return ", ".join(dict.fromkeys(metric_of[v["name"]] for v in members if metric_of[v["name"]])) or "metric"
 
 
 def _swept_keys(variants: list[dict]) -> list[str]:
@@ -209,18 +231,19 @@ def _title(panel: tuple) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in panel)
 
 
-def _plot_rounds(path: Path, variants: list[dict], by_variant: dict, metric: str, swept: list[str]) -> None:
+def _plot_rounds(path: Path, variants: list[dict], by_variant: dict, metric_of: dict[str, str],
+                 swept: list[str]) -> None:
     panels, members = _panels(variants, swept)
     plt, fig, axes = _figure(len(panels))
     for ax, panel in zip(axes, panels, strict=False):
         for label, variant in members[panel]:
-            xs, means, stds = _curve(by_variant[variant["name"]], metric)
+            xs, means, stds = _curve(by_variant[variant["name"]], metric_of[variant["name"]])
             if xs:
                 ax.errorbar(xs, means, yerr=stds, marker="o", markersize=3, capsize=2, label=label,
                             linestyle="--" if _baseline(variant) != "federated" else "-")
         ax.set_title(_title(panel) or "global model on the common evaluation set", fontsize=8)
         ax.set_xlabel("round")
-        ax.set_ylabel(metric or "metric")
+        ax.set_ylabel(_ylabel(metric_of, [v for _, v in members[panel]]))
         if ax.lines:
             ax.legend(fontsize=6)
     fig.suptitle("mean ± std over seeds; dashed: baselines", fontsize=9)
@@ -235,7 +258,8 @@ def _heterogeneity_order(partition: str) -> float:
     return -1e9 if method == "iid" else (-alpha if alpha else 1e9)
 
 
-def _heterogeneity(path: Path, variants: list[dict], by_variant: dict, metric: str, swept: list[str]) -> list[str]:
+def _heterogeneity(path: Path, variants: list[dict], by_variant: dict, metric_of: dict[str, str],
+                   swept: list[str]) -> list[str]:
     """Plot final metric vs partition per panel; return the Markdown table of the drop from IID."""
     keys = [k for k in swept if k != "experiment.partition"]
     panels, members = _panels(variants, keys)
@@ -244,7 +268,7 @@ def _heterogeneity(path: Path, variants: list[dict], by_variant: dict, metric: s
     for ax, panel in zip(axes, panels, strict=False):
         curves: dict[str, list[tuple[str, list[float]]]] = {}
         for label, variant in members[panel]:
-            finals = _finals(by_variant[variant["name"]], metric)
+            finals = _finals(by_variant[variant["name"]], metric_of[variant["name"]])
             partition = variant["values"].get("experiment.partition")
             if partition is None:  # the centralized model does not depend on the split
                 if finals:
@@ -264,7 +288,7 @@ def _heterogeneity(path: Path, variants: list[dict], by_variant: dict, metric: s
                              f"{first - last:+.3f} | {relative} |")
         ax.set_title(_title(panel), fontsize=8)
         ax.set_xlabel("partition (more heterogeneous to the right)")
-        ax.set_ylabel(metric or "metric")
+        ax.set_ylabel(_ylabel(metric_of, [v for _, v in members[panel]]))
         if ax.lines:
             ax.legend(fontsize=6)
     fig.tight_layout()
@@ -317,20 +341,20 @@ def _reach(trial: dict, metric: str, target: float) -> dict[str, float] | None:
     return None
 
 
-def _to_target(path: Path, variants: list[dict], by_variant: dict, metric: str) -> list[str]:
+def _to_target(path: Path, variants: list[dict], by_variant: dict, metric_of: dict[str, str]) -> list[str]:
     table = ["| variant | target | reached | rounds | simulated s | MB up+down | wall s |",
              "|---|---|---|---|---|---|---|"]
     for variant in variants:
         target = variant["config"]["experiment"]["target"]
         done = by_variant[variant["name"]]
-        hits = [h for h in (_reach(t, metric, target) for t in done) if h is not None]
+        hits = [h for h in (_reach(t, metric_of[variant["name"]], target) for t in done) if h is not None]
         cells = [_fmt([h[k] for h in hits], d) for k, d in (("round", 1), ("clock", 1), ("mb", 2), ("wall", 1))]
         table.append(f"| {variant['name']} | {target:g} | {len(hits)}/{len(done)} | " + " | ".join(cells) + " |")
     plt, fig, axes = _figure(2)
     for ax, x, label in zip(axes, ("mb", "clock"), ("MB communicated (up + down)", "simulated seconds"),
                             strict=True):
         for variant in variants:
-            xs, means, stds = _curve(by_variant[variant["name"]], metric, x)
+            xs, means, stds = _curve(by_variant[variant["name"]], metric_of[variant["name"]], x)
             if xs:
                 ax.errorbar(xs, means, yerr=stds, marker="o", markersize=3, capsize=2, label=variant["name"],
                             linestyle="--" if _baseline(variant) != "federated" else "-")
@@ -338,13 +362,14 @@ def _to_target(path: Path, variants: list[dict], by_variant: dict, metric: str) 
         for target in targets:
             ax.axhline(target, linestyle=":", color="gray")
         ax.set_xlabel(label)
-        ax.set_ylabel(metric or "metric")
+        ax.set_ylabel(_ylabel(metric_of, variants))
         if ax.lines:
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [f"Until `{metric}` first reaches the target (mean ± std over the seeds that reach it):", "", *table, "",
+    metrics = _names(list(dict.fromkeys(metric_of.values())))
+    return [f"Until {metrics} first reaches the target (mean ± std over the seeds that reach it):", "", *table, "",
             "![metric vs cost](to_target.png)"]
 
 
