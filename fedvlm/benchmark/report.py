@@ -233,6 +233,8 @@ def _title(panel: tuple) -> str:
 
 def _plot_rounds(path: Path, variants: list[dict], by_variant: dict, metric_of: dict[str, str],
                  swept: list[str]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     panels, members = _panels(variants, swept)
     plt, fig, axes = _figure(len(panels))
     for ax, panel in zip(axes, panels, strict=False):
@@ -243,6 +245,7 @@ def _plot_rounds(path: Path, variants: list[dict], by_variant: dict, metric_of: 
                             linestyle="--" if _baseline(variant) != "federated" else "-")
         ax.set_title(_title(panel) or "global model on the common evaluation set", fontsize=8)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(_ylabel(metric_of, [v for _, v in members[panel]]))
         if ax.lines:
             ax.legend(fontsize=6)
