@@ -75,7 +75,7 @@ def write_report(out: Path) -> Path:
     by_variant = {v["name"]: [t for t in trials if t["variant"] == v["name"]] for v in variants}
     swept = _swept_keys(variants)
     experiments = [v["config"]["experiment"] for v in variants]
-    metric_of = _headlines(variants, by_variant, trials, experiments)
+    metric_of = _headlines(variants, by_variant, experiments)
     metrics = list(dict.fromkeys(metric_of.values()))  # several when the grid sweeps datasets of different tasks
     lines = [f"# Benchmark report: {out.name}", "",
              f"{len(trials)} finished trial(s) of {sum(len(v['seeds']) for v in variants)}; "
@@ -121,21 +121,20 @@ def write_report(out: Path) -> Path:
     return out / "report.md"
 
 
-def _headlines(variants: list[dict], by_variant: dict, trials: list[dict], experiments: list[dict]) -> dict[str, str]:
+def _headlines(variants: list[dict], by_variant: dict, experiments: list[dict]) -> dict[str, str]:
     """Each variant's headline metric: ``experiment.metric`` if set, else from its own final metrics (a grid over
     datasets mixes tasks: accuracy for VQA, cider for captioning)."""
     wanted = next((e["metric"] for e in experiments if e["metric"]), "")
-    fallback = next((t["summary"]["final_metrics"] for t in trials if t["summary"]["final_metrics"]), {})
-    out = {}
-    for variant in variants:
-        sample = next((t["summary"]["final_metrics"] for t in by_variant[variant["name"]]
-                       if t["summary"]["final_metrics"]), fallback)
-        out[variant["name"]] = headline(sample, wanted)
-    return out
+
+    def sample(trials: list[dict]) -> dict[str, float]:
+        return next((t["summary"]["final_metrics"] for t in trials if t["summary"]["final_metrics"]), {})
+
+    fallback = sample([t for trials in by_variant.values() for t in trials])  # a variant with no finished trial
+    return {v["name"]: headline(sample(by_variant[v["name"]]) or fallback, wanted) for v in variants}
 
 
-def _names(metrics: list[str]) -> str:
-    return ", ".join(f"`{m}`" for m in metrics if m) or "`none`"
+def _names(metrics) -> str:
+    return ", ".join(f"`{m}`" for m in dict.fromkeys(metrics) if m) or "`none`"
 
 
 def _ylabel(metric_of: dict[str, str], members: list[dict]) -> str:
@@ -334,9 +333,8 @@ def _plot_radar(path: Path, variants: list[dict], by_variant: dict, keys: list[s
 
 def _reach(trial: dict, metric: str, target: float) -> dict[str, float] | None:
     """Round, simulated clock, MB communicated and wall seconds when ``metric`` first reaches ``target``."""
-    megabytes = seconds = 0.0
-    for record in trial["rounds"]:
-        megabytes += (record["bytes_up"] + record["bytes_down"]) / 1e6
+    seconds = 0.0
+    for record, megabytes in zip(trial["rounds"], _xs(trial, "mb"), strict=True):
         seconds += record["seconds"]
         if record["metrics"].get(metric, float("-inf")) >= target:
             return {"round": record["round"], "clock": record.get("sim_clock", 0.0), "mb": megabytes,
@@ -371,9 +369,8 @@ def _to_target(path: Path, variants: list[dict], by_variant: dict, metric_of: di
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    metrics = _names(list(dict.fromkeys(metric_of.values())))
-    return [f"Until {metrics} first reaches the target (mean ± std over the seeds that reach it):", "", *table, "",
-            "![metric vs cost](to_target.png)"]
+    return [f"Until {_names(metric_of.values())} first reaches the target (mean ± std over the seeds that reach "
+            "it):", "", *table, "", "![metric vs cost](to_target.png)"]
 
 
 def _straggler_table(variants: list[dict], by_variant: dict) -> list[str]:
