@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fedvlm.algorithms.base import ClientHook
+from fedvlm.data.collate import BatchBuilder, encoder_for
 from fedvlm.data.llava_json import Example, load_llava_json
 from fedvlm.data.sources import resolve_site_data
 from fedvlm.spec import TaskSpec
@@ -81,6 +82,7 @@ class Learner:
         self.base_model_path = str(base.name_or_path)
         self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed, rank=self.lora_rank)
         self.model.to(self.device)
+        self.batches = BatchBuilder(encoder_for(self.model, self.processor))
         self._schema = {k: (tuple(v.shape), v.dtype) for k, v in self._peft_state().items()}
         logger.info(
             "learner ready: model=%s strategy=%s train=%d test=%d adapter tensors=%d",
@@ -225,7 +227,7 @@ class Learner:
         if not self._examples["train"]:
             raise ValueError("no training examples (Learner was built without data_dir or train.json is empty)")
         set_stage(self.model, self.stage(round_index))  # F-2stage: freeze the part this round does not train
-        return train_local(self.model, self.processor, self._examples["train"], self.spec.train,
+        return train_local(self.model, self.batches, self._examples["train"], self.spec.train,
                            seed=self._round_seed(round_index), progress=progress,
                            hook=make_hook(self.adapter_parameters()) if make_hook is not None else None)
 
@@ -251,7 +253,7 @@ class Learner:
 
     def _score(self, examples: list[Example], label: str) -> dict[str, float]:
         train = self.spec.train
-        answers = generate_answers(self.model, self.processor, examples, train.eval_batch_size, train.max_new_tokens)
+        answers = generate_answers(self.model, self.batches, examples, train.eval_batch_size, train.max_new_tokens)
         # A record's own ``task`` field wins over the spec's task type (multi-task data).
         tasks = [ex.task or self.spec.task_type for ex in examples]
         metrics = score_mixed(tasks, answers, [ex.answer for ex in examples])

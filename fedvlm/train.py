@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fedvlm.algorithms.base import ClientHook
-from fedvlm.data.collate import generation_batch, training_batch
+from fedvlm.data.collate import BatchBuilder
 from fedvlm.data.llava_json import Example
 from fedvlm.spec import TrainSpec
 
@@ -60,7 +60,7 @@ def batch_schedule(
 
 def train_local(
     model: torch.nn.Module,
-    processor,
+    batches: BatchBuilder,
     examples: Sequence[Example],
     train: TrainSpec,
     seed: int,
@@ -87,7 +87,7 @@ def train_local(
     model.train()
     losses: list[float] = []
     for step, indices in enumerate(schedule, start=1):
-        batch = training_batch(processor, [examples[i] for i in indices])
+        batch = batches.training([examples[i] for i in indices])
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = model(**batch).loss
         extra = hook.loss_term() if hook is not None else None  # e.g. FedProx's proximal term
@@ -118,23 +118,24 @@ def train_local(
 
 @torch.no_grad()
 def generate_answers(
-    model: torch.nn.Module, processor, examples: Sequence[Example], batch_size: int, max_new_tokens: int
+    model: torch.nn.Module, batches: BatchBuilder, examples: Sequence[Example], batch_size: int, max_new_tokens: int
 ) -> list[str]:
-    """Greedy answers (decoded text of the new tokens only, special tokens dropped), one per example, in order."""
+    """Greedy answers (decoded text of the new tokens only, special tokens dropped), one per example, in order;
+    generation stops at any of the model's stop tokens."""
     model.eval()
     device = next(model.parameters()).device
-    tok = processor.tokenizer
+    encoder = batches.encoder
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
-        batch = generation_batch(processor, list(examples[start : start + batch_size]))
+        batch = batches.generation(list(examples[start : start + batch_size]))
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            eos_token_id=encoder.stop_ids,
+            pad_token_id=encoder.pad_id,
         )
         new_tokens = out[:, batch["input_ids"].shape[1]:]
-        answers.extend(tok.batch_decode(new_tokens, skip_special_tokens=True))
+        answers.extend(encoder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers

@@ -109,18 +109,16 @@ def test_site_folder_and_plain_file_forms(tmp_path):
 
 
 def test_multi_turn_collation_trains_every_assistant_turn(tmp_path, tmp_path_factory):
-    from transformers import AutoProcessor
-
-    from fedvlm.data.collate import IGNORE_INDEX, training_batch
+    from fedvlm.data.collate import IGNORE_INDEX, BatchBuilder, encoder_for
     from fedvlm.data.llava_json import Example
-    from fedvlm.vlm.presets import preset_dir
+    from fedvlm.vlm.loading import load_base
 
-    processor = AutoProcessor.from_pretrained(preset_dir("tiny-llava", tmp_path_factory.getbasetemp() / "fedvlm-cache"))
+    model, processor = load_base("tiny-llava", tmp_path_factory.getbasetemp() / "fedvlm-cache")
     _image(tmp_path / "a.png")
     turns = (("How many digits are there?", "2"), ("Is there a 7?", "no"))
     multi = Example("m", tmp_path / "a.png", turns[0][0], turns[0][1], turns=turns)
     single = Example("s", tmp_path / "a.png", turns[0][0], turns[0][1])
-    batch = training_batch(processor, [multi, single])
+    batch = BatchBuilder(encoder_for(model, processor)).training([multi, single])
     tok = processor.tokenizer
     trained = [tok.decode([t for t in row.tolist() if t != IGNORE_INDEX]) for row in batch["labels"]]
     assert trained[0] == " 2</s> no</s>"

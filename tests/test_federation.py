@@ -134,7 +134,6 @@ def test_exported_adapter_loads_with_peft_and_reproduces_the_global(run, tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from fedvlm.data.collate import training_batch
     from fedvlm.learner import Learner
     from fedvlm.spec import TaskSpec
 
@@ -151,7 +150,7 @@ def test_exported_adapter_loads_with_peft_and_reproduces_the_global(run, tmp_pat
     base = AutoModelForImageTextToText.from_pretrained(config["base_model_name_or_path"])
     exported = PeftModel.from_pretrained(base, out).eval()
     learner.model.eval()
-    batch = training_batch(learner.processor, learner._examples["test"][:4])
+    batch = learner.batches.training(learner._examples["test"][:4])
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, learner.model(**batch).logits)
 

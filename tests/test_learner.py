@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedvlm.data.collate import training_batch
 from fedvlm.learner import Learner
 from fedvlm.spec import TaskSpec, TrainSpec
 from fedvlm.train import batch_schedule
@@ -93,7 +92,7 @@ def test_exported_adapter_loads_with_peft_and_gives_the_same_logits(trained, tmp
 
     base = AutoModelForImageTextToText.from_pretrained(config["base_model_name_or_path"])
     exported = PeftModel.from_pretrained(base, tmp_path).eval()
-    batch = training_batch(trained.processor, trained._examples["test"][:4])
+    batch = trained.batches.training(trained._examples["test"][:4])
     with torch.no_grad():
         expected = trained.model(**batch).logits
         got = exported(**batch).logits

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fedvlm import adapters
-from fedvlm.data.collate import training_batch
 from fedvlm.learner import Learner
 from fedvlm.spec import SpecError, TaskSpec, TrainSpec
 from fedvlm.train import generate_answers
@@ -109,7 +108,7 @@ def test_strategy_trains_exactly_its_parameters(fedvlm_cache, small_sites, prese
     adapters.check_schema(adapters.schema_of(back), initial_schema, allow_subset=True)
 
     if strategy == "F-CL":  # generation-based evaluation works on every family: greedy answers to image prompts
-        answers = generate_answers(learner.model, learner.processor, learner._examples["test"][:3], 3, 3)
+        answers = generate_answers(learner.model, learner.batches, learner._examples["test"][:3], 3, 3)
         assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
         metrics = learner.evaluate("test")
         assert metrics["num_examples"] == 8 and 0.0 <= metrics["accuracy"] <= 1.0
@@ -157,7 +156,7 @@ def test_exported_adapter_loads_with_peft_and_carries_the_connector(fedvlm_cache
     base = AutoModelForImageTextToText.from_pretrained(config["base_model_name_or_path"])
     assert type(base).__name__ == "FedvlmLlavaForConditionalGeneration"
     exported = PeftModel.from_pretrained(base, tmp_path).eval()
-    batch = training_batch(learner.processor, learner._examples["test"][:3])
+    batch = learner.batches.training(learner._examples["test"][:3])
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, learner.model(**batch).logits)
 
@@ -187,7 +186,7 @@ def test_unknown_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10))
-    with pytest.raises(ValueError, match="architecture 'gpt2'.*no module mapping.*supported model types"):
+    with pytest.raises(ValueError, match="model type 'gpt2'.*not a VLM family fedvlm knows.*known: fedvlm_llava"):
         find_parts(model)
 
 

@@ -5,6 +5,9 @@ A record looks like::
     {"id": "x1", "image": "images/x1.png",
      "conversations": [{"from": "human", "value": "<image>\\nWhat digit is shown?"}, {"from": "gpt", "value": "7"}]}
 
+``image`` may also be a list of paths (several images per example): each ``<image>`` placeholder of the human turns
+places the next image in that turn; with no placeholders every image is shown in the first turn.
+
 Image paths are relative to an image root and must stay inside it: the JSON file's folder by default, or the
 ``image_root`` given to ``load_llava_json`` (the FedVLMBench release root, see ``fedvlm.data.sources``).
 Every human/assistant pair of a multi-turn conversation becomes a turn (all of them are trained on; evaluation asks
@@ -34,7 +37,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One image-question-answer example; ``image`` is an absolute path inside the dataset folder."""
+    """One image-question-answer example; ``image`` (and ``more_images``) are absolute paths inside the dataset
+    folder."""
 
     id: str
     image: Path
@@ -43,11 +47,24 @@ class Example:
     # Every (human, assistant) pair in order, the first being (question, answer); () means just that one.
     turns: tuple[tuple[str, str], ...] = ()
     task: str | None = None  # the record's ``task`` field, if any
+    more_images: tuple[Path, ...] = ()  # the record's further images, in order
+    # The exchange each image belongs to (one entry per image of ``images``); () means all in the first.
+    turn_of_image: tuple[int, ...] = ()
 
     @property
     def exchanges(self) -> tuple[tuple[str, str], ...]:
         """All (question, answer) pairs of the conversation, in order (at least the first)."""
         return self.turns or ((self.question, self.answer),)
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """Every image of the record, in order (at least one)."""
+        return (self.image, *self.more_images)
+
+    @property
+    def image_turns(self) -> tuple[int, ...]:
+        """For each of ``images``, the index of the exchange whose user turn shows it."""
+        return self.turn_of_image or (0,) * len(self.images)
 
 
 def load_llava_json(
@@ -88,13 +105,16 @@ def _parse_record(path: Path, roots: tuple[Path, ...], index: int, record: objec
     where = f"{path}: record {index} (id {record_id!r})"
 
     image_field = record.get("image")
-    if not isinstance(image_field, str) or not image_field.strip():
-        raise DataError(f"{where}: field 'image': missing or not a non-empty string")
-    image = _resolve_image(where, roots, image_field)
+    fields = image_field if isinstance(image_field, list) and image_field else [image_field]
+    if not all(isinstance(f, str) and f.strip() for f in fields):
+        raise DataError(f"{where}: field 'image': missing, or not a non-empty string or list of strings")
+    images = [_resolve_image(where, roots, f) for f in fields]
     if check_images:
-        _verify_image(where, image_field, image)
+        for field, image in zip(fields, images, strict=True):
+            _verify_image(where, field, image)
 
     turns = _exchanges(where, record.get("conversations"))
+    turn_of_image = _image_turns(where, record["conversations"], len(images), len(turns))
     task = record.get("task")
     if task is not None:
         from fedvlm.tasks import TASKS
@@ -102,8 +122,23 @@ def _parse_record(path: Path, roots: tuple[Path, ...], index: int, record: objec
         if task not in TASKS:
             raise DataError(f"{where}: field 'task': unknown task {task!r} (known: {', '.join(sorted(TASKS))})")
     (question, answer) = turns[0]
-    return Example(id=record_id, image=image, question=question, answer=answer,
-                   turns=turns if len(turns) > 1 else (), task=task)
+    return Example(id=record_id, image=images[0], question=question, answer=answer,
+                   turns=turns if len(turns) > 1 else (), task=task, more_images=tuple(images[1:]),
+                   turn_of_image=turn_of_image)
+
+
+def _image_turns(where: str, conversations: list, count: int, exchanges: int) -> tuple[int, ...]:
+    """The exchange of each image: the human turn holding its ``<image>`` placeholder, in order; with no placeholders
+    every image belongs to the first exchange. () when that is the case anyway."""
+    humans = [t["value"] for t in conversations if t["from"].lower() in HUMAN_ROLES]
+    per_turn = [value.count(IMAGE_PLACEHOLDER) for value in humans[:exchanges]]
+    placed = sum(per_turn)
+    if placed == 0 or (count == 1 and placed == 1 and per_turn[0] == 1):
+        return ()
+    if placed != count:
+        raise DataError(f"{where}: field 'conversations': {placed} {IMAGE_PLACEHOLDER} placeholders for {count} "
+                        "images (put one per image, or none to show every image in the first turn)")
+    return tuple(turn for turn, n in enumerate(per_turn) for _ in range(n))
 
 
 def _resolve_image(where: str, roots: tuple[Path, ...], image_field: str) -> Path:

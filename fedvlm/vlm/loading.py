@@ -51,10 +51,12 @@ def load_base(spec_model: str, cache_dir: Path | None = None, device: str = "cpu
     ``device`` may be ``"auto"`` (see ``resolve_device``).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     import fedvlm.vlm.archs  # noqa: F401  (registers fedvlm's own model type with the Auto classes)
+    from fedvlm.vlm.families import family_of
+    from fedvlm.vlm.processors import load_processor
 
     path = resolve_model_path(spec_model, cache_dir)
     hf_logging.disable_progress_bar()  # clients draw their own progress; tqdm bars from 3 processes are noise
@@ -73,8 +75,11 @@ def load_base(spec_model: str, cache_dir: Path | None = None, device: str = "cpu
             raise OSError(f"task.model: cannot load {spec_model!r} (HF_HUB_OFFLINE is set: a hub id must already "
                           f"be in the local Hugging Face cache): {exc}") from exc
     try:
+        # The family and the processor first: an unknown family or a processor that cannot run here fails at once,
+        # before the weights are read (or downloaded).
+        family_of(AutoConfig.from_pretrained(path, local_files_only=local_only).model_type, spec_model)
+        processor = load_processor(path, local_files_only=local_only)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
     except OSError as exc:
         hint = " (HF_HUB_OFFLINE is set: a hub id must already be in the local Hugging Face cache)"
         hint = hint if local_only else ""

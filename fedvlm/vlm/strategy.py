@@ -14,21 +14,22 @@ F-C uses PEFT's "dummy-target-modules" (an adapter with no LoRA layers, only mod
 targets every ``nn.Linear`` inside the language model, so fused attention (Fuyu/Persimmon ``query_key_value``)
 works like split q/k/v.
 
-Where the parts are is looked up by ``config.model_type`` in ``ARCHITECTURES`` (module paths as in
-``model.named_modules()`` of transformers 5); an unknown model type is a clear ``ValueError``.
+Where the parts are is looked up by ``config.model_type`` in the family table (``fedvlm.vlm.families.FAMILIES``);
+an unknown model type is a clear ``UnknownFamilyError``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedvlm.spec import LoraSpec
+from fedvlm.vlm.families import Family, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -36,51 +37,27 @@ DUMMY_TARGET_MODULES = "dummy-target-modules"  # peft.utils.constants.DUMMY_TARG
 CONNECTOR_STAGE, LORA_STAGE = "connector", "lora"
 
 
-@dataclass(frozen=True)
-class ModelParts:
-    """Dotted module paths (as in ``model.named_modules()``) of the three parts of a VLM; ``vision_tower`` is None
-    for encoder-free models."""
-
-    language_model: str
-    connector: str
-    vision_tower: str | None
-
-
-# config.model_type -> where the parts of that architecture live (transformers 5 module names).
-ARCHITECTURES: dict[str, ModelParts] = {
-    "llava": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
-    "fedvlm_llava": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
-    "llava_next": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
-    "llava_onevision": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
-    "qwen2_vl": ModelParts("model.language_model", "model.visual.merger", "model.visual"),
-    "qwen2_5_vl": ModelParts("model.language_model", "model.visual.merger", "model.visual"),
-    "idefics3": ModelParts("model.text_model", "model.connector", "model.vision_model"),
-    "smolvlm": ModelParts("model.text_model", "model.connector", "model.vision_model"),
-    "paligemma": ModelParts("model.language_model", "model.multi_modal_projector", "model.vision_tower"),
-    "fuyu": ModelParts("model.language_model", "model.vision_embed_tokens", None),
-}
-
-
-def find_parts(model: nn.Module) -> ModelParts:
-    """The parts of ``model`` from ``ARCHITECTURES`` by ``config.model_type``; ``ValueError`` for an unknown type or
-    when the table's modules are not in the model (e.g. a different transformers version renamed them)."""
+def find_parts(model: nn.Module) -> Family:
+    """The family row of ``model`` (fedvlm.vlm.families) by ``config.model_type``, checked against the model:
+    ``UnknownFamilyError`` for an unknown type, ``ValueError`` when the row's modules are not in the model (e.g. a
+    different transformers version renamed them). ``vision_tower`` is None when the model has none (fedvlm_llava
+    encoder-free); connector modules the model lacks (optional extras) are left out."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    parts = ARCHITECTURES.get(model_type)
-    if parts is None:
-        raise ValueError(
-            f"task.model: architecture {model_type!r} ({type(model).__name__}) has no module mapping "
-            f"(supported model types: {', '.join(sorted(ARCHITECTURES))}); add its language model, connector and "
-            "vision tower paths to fedvlm.vlm.strategy.ARCHITECTURES"
-        )
+    family = family_of(model_type, type(model).__name__)
     names = {name for name, module in model.named_modules() if module is not None}
-    missing = [p for p in (parts.language_model, parts.connector) if p not in names]
+    missing = [p for p in (family.language_model, family.connector) if p not in names]
     if missing:
         raise ValueError(f"{type(model).__name__} ({model_type}) has no module {', '.join(missing)}")
-    vision = parts.vision_tower if parts.vision_tower in names else None  # fedvlm_llava encoder-free: none
-    return ModelParts(parts.language_model, parts.connector, vision)
+    vision = family.vision_tower if family.vision_tower in names else None
+    extras: list[str] = []
+    for path in (c for c in family.extra_connectors if c in names):
+        module = model.get_submodule(path)
+        # PEFT's modules_to_save wraps single modules: a ModuleList (Qwen3-VL's deepstack mergers) is its children.
+        extras += [f"{path}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [path]
+    return dataclasses.replace(family, vision_tower=vision, extra_connectors=tuple(extras))
 
 
-def lora_target_regex(model: nn.Module, parts: ModelParts, targets: tuple[str, ...]) -> str:
+def lora_target_regex(model: nn.Module, parts: Family, targets: tuple[str, ...]) -> str:
     """A regex (PEFT full-match semantics) selecting the LM's linear layers whose last name is in ``targets``.
 
     ``("all-linear",)`` means every ``nn.Linear`` inside the language model. Unknown suffixes raise ``ValueError``.
@@ -123,7 +100,7 @@ def lora_config_for(model: nn.Module, strategy: str, lora: LoraSpec, rank: int =
         lora_alpha=lora.alpha * rank / lora.r if rank and rank != lora.r else lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora_target_regex(model, parts, lora.targets) if uses_lora else DUMMY_TARGET_MODULES,
-        modules_to_save=[parts.connector] if trains_connector else None,
+        modules_to_save=list(parts.connectors) if trains_connector else None,
         bias="none",
     )
 
@@ -175,9 +152,9 @@ def apply_strategy(model: nn.Module, strategy: str, lora: LoraSpec, seed: int, r
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     if parts.vision_tower is not None:
-        tower, connector = f".{parts.vision_tower}.", f".{parts.connector}."
+        tower, connectors = f".{parts.vision_tower}.", [f".{c}." for c in parts.connectors]
         leaked = [n for n, p in peft_model.named_parameters()
-                  if p.requires_grad and tower in f".{n}" and connector not in f".{n}"]
+                  if p.requires_grad and tower in f".{n}" and not any(c in f".{n}" for c in connectors)]
         if leaked:  # pragma: no cover - the regex above makes this impossible; keep the invariant loud
             raise RuntimeError(f"strategy {strategy} would train vision-tower parameters: {leaked[:3]}")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
