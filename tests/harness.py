@@ -176,3 +176,21 @@ def wait_sites_ok(clients: dict[str, subprocess.Popen], root: Path, timeout: flo
     wait_for(lambda: all(p.poll() is not None for p in clients.values()), timeout, "the sites to finish")
     for name, proc in clients.items():
         assert proc.returncode == 0, (root / f"{name}.log").read_text()[-3000:]
+
+
+def small_sites(digits: Path, root: Path, count: int, train: int, test: int) -> list[Path]:
+    """``count`` site folders under ``root`` holding the first ``train`` / ``test`` records (and their images) of
+    the built-in digits' sites 0..count-1: small federations for tests about what travels, not about accuracy."""
+    import shutil
+
+    out = []
+    for i in range(count):
+        site = root / f"site-data-{i}"
+        (site / "images").mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", train), ("test", test)):
+            records = json.loads((digits / f"site_{i}" / f"{split}.json").read_text())[:n]
+            for record in records:
+                shutil.copy(digits / f"site_{i}" / record["image"], site / record["image"])
+            (site / f"{split}.json").write_text(json.dumps(records))
+        out.append(site)
+    return out

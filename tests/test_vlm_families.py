@@ -19,6 +19,8 @@ from fedvlm.vlm import zoo
 from fedvlm.vlm.families import FAMILIES, UnknownFamilyError
 from fedvlm.vlm.strategy import apply_strategy, find_parts
 
+from .harness import small_sites
+
 FAMILY_NAMES = sorted(zoo.ZOO)
 
 
@@ -37,16 +39,7 @@ def zoo_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def site(digits, tmp_path_factory) -> Path:
     """24 train / 4 test digits."""
-    import shutil
-
-    out = tmp_path_factory.mktemp("family-site")
-    (out / "images").mkdir()
-    for split, count in (("train", 24), ("test", 4)):
-        records = json.loads((digits / "site_0" / f"{split}.json").read_text())[:count]
-        for record in records:
-            shutil.copy(digits / "site_0" / record["image"], out / record["image"])
-        (out / f"{split}.json").write_text(json.dumps(records))
-    return out
+    return small_sites(digits, tmp_path_factory.mktemp("family-site"), 1, 24, 4)[0]
 
 
 @pytest.fixture(scope="module")

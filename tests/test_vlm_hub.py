@@ -4,7 +4,6 @@ federated round in process (two sites + FedAvg), generation; offline errors. Eve
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,13 @@ from fedvlm.learner import Learner
 from fedvlm.spec import TaskSpec, TrainSpec
 from fedvlm.vlm.strategy import find_parts
 
+from .harness import small_sites
+
 
 @pytest.fixture(scope="module")
 def sites(digits, tmp_path_factory) -> list[Path]:
     """Two small sites (24 train / 6 test digits each)."""
-    result = []
-    for i in range(2):
-        out = tmp_path_factory.mktemp(f"hub-site-{i}")
-        (out / "images").mkdir()
-        for split, count in (("train", 24), ("test", 6)):
-            records = json.loads((digits / f"site_{i}" / f"{split}.json").read_text())[:count]
-            for record in records:
-                shutil.copy(digits / f"site_{i}" / record["image"], out / record["image"])
-            (out / f"{split}.json").write_text(json.dumps(records))
-        result.append(out)
-    return result
+    return small_sites(digits, tmp_path_factory.mktemp("hub-sites"), 2, 24, 6)
 
 
 @pytest.fixture(scope="module")

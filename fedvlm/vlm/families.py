@@ -60,6 +60,8 @@ class Family:
 _LLAVA = Family("model.language_model", "model.multi_modal_projector", "model.vision_tower",
                 fallback_template=LLAVA_TEMPLATE)
 _QWEN_VL = Family("model.language_model", "model.visual.merger", "model.visual", extra_inputs=("image_grid_thw",))
+_QWEN3_VL = Family("model.language_model", "model.visual.merger", "model.visual", extra_inputs=("image_grid_thw",),
+                   extra_connectors=("model.visual.deepstack_merger_list",))
 _IDEFICS = Family("model.text_model", "model.connector", "model.vision_model", extra_inputs=("pixel_attention_mask",))
 
 # config.model_type -> family.
@@ -72,8 +74,8 @@ FAMILIES: dict[str, Family] = {
                               extra_inputs=("image_sizes",)),
     "qwen2_vl": _QWEN_VL,
     "qwen2_5_vl": _QWEN_VL,
-    "qwen3_vl": Family("model.language_model", "model.visual.merger", "model.visual",
-                       extra_inputs=("image_grid_thw",), extra_connectors=("model.visual.deepstack_merger_list",)),
+    "qwen3_vl": _QWEN3_VL,
+    "qwen3_5": _QWEN3_VL,  # Qwen3.5: the Qwen3-VL processor and vision tower, hybrid linear-attention LM
     "idefics3": _IDEFICS,
     "smolvlm": _IDEFICS,
     "paligemma": Family("model.language_model", "model.multi_modal_projector", "model.vision_tower",

@@ -211,6 +211,21 @@ def _qwen3_vl():
     return Qwen3VLForConditionalGeneration(config), processor
 
 
+def _qwen3_5():
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+
+    tok, processor = _qwen_processor(Qwen3VLProcessor)
+    config = Qwen3_5Config(
+        text_config=_lm(tok, "qwen3_5_text", head_dim=16, layer_types=["linear_attention", "full_attention"],
+                        linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                        linear_num_value_heads=4,
+                        rope_parameters={**_MROPE, "mrope_interleaved": True, "partial_rotary_factor": 1.0}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64),
+        **_qwen_ids(tok))
+    return Qwen3_5ForConditionalGeneration(config), processor
+
+
 _IDEFICS_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        image_size=32, patch_size=8)
 
@@ -342,6 +357,7 @@ ZOO: dict[str, ZooEntry] = {e.family: e for e in (
     ZooEntry("qwen2_vl", _qwen2_vl),
     ZooEntry("qwen2_5_vl", _qwen2_5_vl),
     ZooEntry("qwen3_vl", _qwen3_vl),
+    ZooEntry("qwen3_5", _qwen3_5),
     ZooEntry("idefics3", _idefics3),
     ZooEntry("smolvlm", _smolvlm),
     ZooEntry("paligemma", _paligemma),
