@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -227,9 +228,20 @@ class Learner:
         if not self._examples["train"]:
             raise ValueError("no training examples (Learner was built without data_dir or train.json is empty)")
         set_stage(self.model, self.stage(round_index))  # F-2stage: freeze the part this round does not train
+        self.prepare_batches()
         return train_local(self.model, self.batches, self._examples["train"], self.spec.train,
                            seed=self._round_seed(round_index), progress=progress,
                            hook=make_hook(self.adapter_parameters()) if make_hook is not None else None)
+
+    def prepare_batches(self) -> None:
+        """Encode the training examples with the model's processor now (up to the encode cache's budget, see
+        fedvlm.data.collate.BatchBuilder), so that training steps only pad and stack; a no-op once done."""
+        examples = self._examples["train"]
+        started = time.perf_counter()
+        cached = self.batches.warm(examples)
+        if time.perf_counter() - started > 1.0:
+            logger.info("encoded %d of %d training examples in %.1fs (%.0f MiB cached)", cached, len(examples),
+                        time.perf_counter() - started, self.batches.cached_bytes / (1 << 20))
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Greedy generation (at most ``spec.train.max_new_tokens`` new tokens) on ``split``, parsed and scored by

@@ -41,7 +41,25 @@ def test_multi_turn_conversation_keeps_every_exchange(tmp_path):
     assert ex.exchanges == (("How many?", "2"), ("Is there a 7?", "no"), ("And a 3?", "yes"))
 
 
+def test_several_images_per_record_go_to_the_turns_of_their_placeholders(tmp_path):
+    for name in ("a", "b", "c"):
+        _image(tmp_path / "images" / f"{name}.png")
+    placed = {"id": "p", "image": ["images/a.png", "images/b.png", "images/c.png"],
+              "conversations": _conv(("<image><image>\nSame digit?", "no"), ("<image>\nAnd this one?", "7"))}
+    unplaced = {"id": "u", "image": ["images/a.png", "images/b.png"], "conversations": _conv(("Compare.", "same"))}
+    (tmp_path / "d.json").write_text(json.dumps([placed, unplaced]))
+    ex_placed, ex_unplaced = load_llava_json(tmp_path / "d.json")
+    assert [p.name for p in ex_placed.images] == ["a.png", "b.png", "c.png"]
+    assert ex_placed.image_turns == (0, 0, 1) and ex_placed.question == "Same digit?"
+    assert ex_unplaced.image_turns == (0, 0)
+    wrong = {**placed, "image": ["images/a.png", "images/b.png"]}
+    (tmp_path / "bad.json").write_text(json.dumps([wrong]))
+    with pytest.raises(DataError, match=r"record 0 \(id 'p'\): field 'conversations': 3 <image> placeholders for 2"):
+        load_llava_json(tmp_path / "bad.json")
+
+
 @pytest.mark.parametrize(("record", "message"), [
+    ({"image": ["images/a.png", 7]}, r"record 0 \(id 'r'\): field 'image': missing, or not a non-empty string"),
     ({"conversations": [{"from": "human", "value": "<image>\nq1"}, {"from": "human", "value": "q2"},
                         {"from": "gpt", "value": "a"}]},
      r"record 0 \(id 'r'\): field 'conversations\[1\]': two human turns in a row"),

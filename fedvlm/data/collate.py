@@ -345,11 +345,13 @@ class BatchBuilder:
         return collate([self._get("generate", ex) for ex in examples], self.encoder.pad_id, "left")
 
     def warm(self, examples: Sequence[Example], purpose: str = "train") -> int:
-        """Encode ``examples`` ahead of use (e.g. while a site waits for its first round); returns how many are
-        cached now."""
+        """Encode ``examples`` ahead of use until the cache budget is spent (e.g. before a round's first step, or
+        while a site waits for its first round); returns how many of them are cached now."""
         for example in examples:
+            if self.cached_bytes >= self.budget:
+                break
             self._get(purpose, example)
-        return sum(1 for kind, _ in self._cache if kind == purpose)
+        return sum(1 for example in examples if (purpose, example) in self._cache)
 
     def _get(self, purpose: str, example: Example) -> dict[str, torch.Tensor]:
         key = (purpose, example)
