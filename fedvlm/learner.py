@@ -84,6 +84,8 @@ class Learner:
         self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed, rank=self.lora_rank)
         self.model.to(self.device)
         self.batches = BatchBuilder(encoder_for(self.model, self.processor))
+        if self._examples["train"]:  # a processor or chat template that cannot encode this data fails now
+            self.batches.warm(self._examples["train"][:1])
         self._schema = {k: (tuple(v.shape), v.dtype) for k, v in self._peft_state().items()}
         logger.info(
             "learner ready: model=%s strategy=%s train=%d test=%d adapter tensors=%d",
