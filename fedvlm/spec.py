@@ -12,10 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class SpecError(ValueError):
-    """A config value is missing, of the wrong type or out of range; the message names the key."""
-
+from fedvlm.tables import SpecError
 
 STRATEGIES = ("F-C", "F-L", "F-CL", "F-2stage")
 
