@@ -19,6 +19,9 @@ from fedvlm.wire.v1 import federation_pb2 as pb
 
 from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes, wait_for
 
+# Real processes (a coordinator daemon, sites): the slow half of `make test`.
+pytestmark = pytest.mark.slow
+
 CONFIG = """
 name = "algo-fed"
 [run]

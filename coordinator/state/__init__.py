@@ -4,30 +4,8 @@
 returns. See docs/operations.md for the state directory.
 """
 
+from . import records
 from .db import COORDINATOR, SCHEMA_VERSION, State, StateError
-from .records import (
-    GENESIS,
-    Activity,
-    AssignmentState,
-    AuditEntry,
-    Client,
-    GlobalVersion,
-    MetricsKind,
-    MetricsReport,
-    Next,
-    Round,
-    RoundPhase,
-    Run,
-    RunState,
-    ServerStateRef,
-    Token,
-    Update,
-    Upload,
-    audit_hash,
-)
+from .records import *  # noqa: F403 - the package is the one place the records are imported from
 
-__all__ = [
-    "COORDINATOR", "GENESIS", "SCHEMA_VERSION", "Activity", "AssignmentState", "AuditEntry", "Client",
-    "GlobalVersion", "MetricsKind", "MetricsReport", "Next", "Round", "RoundPhase", "Run", "RunState",
-    "ServerStateRef", "State", "StateError", "Token", "Update", "Upload", "audit_hash",
-]
+__all__ = ["COORDINATOR", "SCHEMA_VERSION", "State", "StateError", *records.__all__]

@@ -136,8 +136,8 @@ class State:
     def _open(self, readonly: bool) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StateError(f"{self.path} has state schema version {version}, newer than the {SCHEMA_VERSION} this "
-                             "fedvlm reads: use the fedvlm version that wrote it")
+            raise StateError(f"{self.path}: state schema version {version} is newer than this fedvlm's "
+                             f"({SCHEMA_VERSION}); use the fedvlm version that wrote it")
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

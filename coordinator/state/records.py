@@ -17,6 +17,11 @@ from fedvlm.spec import TaskSpec
 
 from ..config import RunConfig
 
+__all__ = [
+    "GENESIS", "Activity", "AssignmentState", "AuditEntry", "Client", "GlobalVersion", "MetricsKind", "MetricsReport",
+    "Next", "Round", "RoundPhase", "Run", "RunState", "ServerStateRef", "Token", "Update", "Upload", "audit_hash",
+]
+
 
 class RunState(StrEnum):
     """A run's life: init (waiting for the initial adapter) -> running -> evaluating (optional) -> done."""
@@ -40,11 +45,12 @@ class RoundPhase(StrEnum):
 
 
 class AssignmentState(StrEnum):
-    """A sampled site in a round: assigned -> accepted (its update is in) or late (the deadline passed first)."""
+    """A sampled site in a round: assigned -> accepted or late. A site sampled again after a reopen is assigned
+    afresh; the final evaluation assigns the live sites too."""
 
-    ASSIGNED = "assigned"
-    ACCEPTED = "accepted"
-    LATE = "late"
+    ASSIGNED = "assigned"  # asked for an update (or an evaluation); refused once the round's deadline has passed
+    ACCEPTED = "accepted"  # its update is in and stays in, whatever happens to the round
+    LATE = "late"  # the deadline passed first: its update is refused
 
 
 class Activity(StrEnum):
