@@ -159,7 +159,8 @@ def child(folder: Path, index: Path, k: int, out: Path, aggregator: str, phases:
     import torch
 
     from fedvlm import adapters
-    from fedvlm.algorithms.base import ClientUpdate, build, split_aux
+    from fedvlm.algorithms import build
+    from fedvlm.algorithms.base import ClientUpdate, split_aux
     from fedvlm.algorithms.fedavg import fedavg
     from fedvlm.coordinator.blobs import BlobStore
     from fedvlm.coordinator.config import FederationConfig, RunConfig

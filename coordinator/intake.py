@@ -20,7 +20,8 @@ from cryptography import x509
 
 from fedvlm import adapters
 from fedvlm.adapters import AdapterError
-from fedvlm.algorithms.base import AUX_PREFIX, build
+from fedvlm.algorithms import build
+from fedvlm.algorithms.base import AUX_PREFIX
 from fedvlm.algorithms.lora_exact import rank_flexible_schema
 from fedvlm.security import signing
 from fedvlm.security.signing import SignatureError, UpdateManifest

@@ -17,7 +17,8 @@ import uuid
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from fedvlm import adapters
-from fedvlm.algorithms.base import Algorithm, ClientUpdate, build, next_global, sample_clients, split_aux
+from fedvlm.algorithms import build
+from fedvlm.algorithms.base import Algorithm, ClientUpdate, next_global, sample_clients, split_aux
 from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord
 

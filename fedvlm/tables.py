@@ -4,9 +4,10 @@ The task spec (`fedvlm.spec`), federation.toml (`fedvlm.coordinator.config`) and
 (`fedvlm.benchmark.config`) are all plain dataclasses read by `from_table`; each checks its ranges in
 ``__post_init__`` with `require`. Every error is a `SpecError` whose message starts with the dotted key.
 
-Written by hand rather than with pydantic: the rules below are all the configs need (about 60 lines), and a
-pydantic model per config would mean a second dependency and a second way of declaring a config next to the
-plain dataclasses that the algorithm registry and the wire format use.
+Written by hand rather than with pydantic (2.14, installed here as a dependency of typer): the rules below are all
+the configs need, the configs stay the plain frozen dataclasses the algorithm registry and the canonical task JSON
+are built on, and importing pydantic and building a first model took 137-185 ms here against 7-10 ms for this
+module, on a `fedvlm-coord status` that starts in about 370 ms.
 """
 
 from __future__ import annotations

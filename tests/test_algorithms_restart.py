@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fedvlm import adapters
-from fedvlm.algorithms.base import ClientUpdate, build, split_aux, with_aux
+from fedvlm.algorithms import build
+from fedvlm.algorithms.base import ClientUpdate, split_aux, with_aux
 from fedvlm.spec import TaskSpec
 from fedvlm.wire.v1 import federation_pb2 as pb
 

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedvlm.coordinator.cli import app as coord_app
+from fedvlm.coordinator.config import RunConfig
 from fedvlm.coordinator.layout import FederationDir
 from fedvlm.coordinator.state import (
     GENESIS,
@@ -20,8 +21,20 @@ from fedvlm.coordinator.state import (
     audit_hash,
 )
 from fedvlm.coordinator.state.db import SCHEMA
+from fedvlm.spec import TaskSpec
 
 from .inprocess import Clock
+
+# The task JSON a coordinator stored before algorithms had their own configs: every algorithm's keys in one table.
+OLD_TASK_JSON = (
+    '{"algorithm": {"aggregator": "mean", "beta1": 0.9, "beta2": 0.99, "clip_norm": 0.0, "dp_delta": 1e-05, '
+    '"dp_noise_multiplier": 0.0, "eta": 0.001, "krum_byzantine": 1, "krum_select": 1, "lora_exact": false, '
+    '"mu": 0.1, "name": "fedprox", "scaffold_clients": 0, "server_lr": 1.0, "server_momentum": 0.9, "tau": 0.001, '
+    '"trim_ratio": 0.2}, "box_format": "xyxy-pixel", "lora": {"alpha": 32, "dropout": 0.05, "r": 8, '
+    '"targets": ["all-linear"]}, "model": "tiny-llava", "seed": 0, "strategy": "F-CL", "switch_round": 0, '
+    '"task_type": "classification", "train": {"batch_size": 8, "eval_batch_size": 32, "local_epochs": 1.0, '
+    '"lr": 0.001, "max_new_tokens": 4, "max_steps": 0, "weight_decay": 0.0}}'
+)
 
 
 def test_a_new_state_records_schema_version_1(tmp_path):
@@ -139,3 +152,19 @@ def test_audited_transitions_form_one_hash_chain():
         assert entry.prev_hash == prev and entry.hash == audit_hash(prev, entry.entry_json)
         prev = entry.hash
     assert state.audit_head() == prev
+
+
+def test_a_restarted_coordinator_reads_the_runs_it_stored_in_either_task_json_shape(tmp_path):
+    state = State(tmp_path / "state.db")
+    spec = TaskSpec.from_dict({"algorithm": {"name": "fedprox", "mu": 0.1}})
+    state.create_run("new", RunConfig(rounds=2), spec)
+    state.close()
+    reopened = State(tmp_path / "state.db")
+    run = reopened.current_run()
+    assert run.task == spec and run.config == RunConfig(rounds=2) and run.task_json == spec.to_json()
+    reopened.close()
+    db = sqlite3.connect(tmp_path / "state.db")  # as the previous version of fedvlm wrote it
+    db.execute("UPDATE runs SET task_json=?", (OLD_TASK_JSON,))
+    db.commit()
+    db.close()
+    assert State(tmp_path / "state.db", readonly=True).current_run().task == spec
