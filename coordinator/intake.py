@@ -40,6 +40,8 @@ CHECKPOINT_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class UploadTicket:
+    """Where a site (re)starts sending an announced upload: its id, the durable offset and the size."""
+
     upload_id: str
     offset: int
     size: int
@@ -259,6 +261,7 @@ class Intake:
         self.state.discard_upload(upload_id)
 
     def part_path(self, upload_id: str) -> Path:
+        """Where the bytes of a partial upload are kept until it is accepted or discarded."""
         return self.uploads_dir / f"{upload_id}.part"
 
     def _lock_for(self, upload_id: str) -> threading.Lock:

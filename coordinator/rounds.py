@@ -52,6 +52,7 @@ class RoundDriver:
         return run
 
     def wake(self) -> None:
+        """Make the loop tick now rather than at its next period (an update arrived)."""
         self._wakeup.set()
 
     def loop(self, stop: threading.Event, period: float = 0.25) -> None:

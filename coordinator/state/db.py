@@ -149,6 +149,7 @@ class State:
         return self._one("PRAGMA user_version")[0]
 
     def close(self) -> None:
+        """Close the connection; the state is unusable afterwards."""
         with self._lock:
             self._db.close()
 
@@ -190,6 +191,7 @@ class State:
             self._audit(db, {"kind": "init", "federation_id": federation_id, "ca": ca_fingerprint})
 
     def federation_id(self) -> str | None:
+        """The id `init_federation` recorded (None in a database that has none)."""
         row = self._one("SELECT value FROM meta WHERE key='federation_id'")
         return row["value"] if row else None
 
@@ -202,6 +204,7 @@ class State:
             self._audit(db, {"kind": "token", "name": name, "token_id": token_id, "expires_at": expires_at})
 
     def token(self, token_id: str) -> Token | None:
+        """The join token with this id, used or not."""
         row = self._one("SELECT * FROM tokens WHERE token_id=?", (token_id,))
         return Token(row["token_id"], row["name"], row["proof_key"], row["expires_at"], row["created_at"],
                      row["used_at"]) if row else None
@@ -230,6 +233,7 @@ class State:
         return bool(changed)
 
     def client(self, name: str) -> Client | None:
+        """The enrolled site `name`, revoked or not."""
         row = self._one("SELECT * FROM clients WHERE name=?", (name,))
         return _client(row) if row else None
 
@@ -304,6 +308,7 @@ class State:
 
     # -- rounds ----------------------------------------------------------------------------------------------------
     def round(self, run_id: str, number: int) -> Round | None:
+        """Round `number` of the run (the final evaluation is the round after the last)."""
         row = self._one("SELECT * FROM rounds WHERE run_id=? AND round=?", (run_id, number))
         if row is None:
             return None
@@ -316,6 +321,7 @@ class State:
         return {r["client"]: AssignmentState(r["state"]) for r in rows}
 
     def assignment(self, run_id: str, number: int, client: str) -> AssignmentState | None:
+        """The site's state in the round; None if it was never sampled."""
         row = self._one("SELECT state FROM assignments WHERE run_id=? AND round=? AND client=?",
                         (run_id, number, client))
         return AssignmentState(row["state"]) if row else None
@@ -394,10 +400,12 @@ class State:
         return self._one("SELECT 1 FROM nonces WHERE nonce=?", (nonce,)) is not None
 
     def upload(self, upload_id: str) -> Upload | None:
+        """The partial upload with this id (None once accepted or discarded)."""
         row = self._one("SELECT * FROM uploads WHERE upload_id=?", (upload_id,))
         return _upload(row) if row else None
 
     def upload_by_nonce(self, nonce: str) -> Upload | None:
+        """The partial upload announced with this manifest nonce."""
         row = self._one("SELECT * FROM uploads WHERE nonce=?", (nonce,))
         return _upload(row) if row else None
 
@@ -421,6 +429,7 @@ class State:
             db.execute("UPDATE uploads SET received=? WHERE upload_id=?", (received, upload_id))
 
     def discard_upload(self, upload_id: str) -> None:
+        """Forget a partial upload (its part file is the caller's to delete)."""
         with self._tx() as db:
             db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
 
@@ -460,14 +469,17 @@ class State:
 
     # -- globals ---------------------------------------------------------------------------------------------------
     def global_version(self, run_id: str, number: int) -> GlobalVersion | None:
+        """The global published for round `number` of the run (0: the initial adapter)."""
         row = self._one("SELECT * FROM globals WHERE run_id=? AND round=?", (run_id, number))
         return _global(row) if row else None
 
     def global_by_digest(self, digest: str) -> GlobalVersion | None:
+        """The newest global version with these bytes."""
         row = self._one("SELECT * FROM globals WHERE digest=? ORDER BY created_at DESC LIMIT 1", (digest,))
         return _global(row) if row else None
 
     def latest_global(self, run_id: str) -> GlobalVersion | None:
+        """The run's global of the highest round."""
         row = self._one("SELECT * FROM globals WHERE run_id=? ORDER BY round DESC LIMIT 1", (run_id,))
         return _global(row) if row else None
 

@@ -96,16 +96,20 @@ class ServerStateRef:
     digest: str
 
     def to_json(self) -> str:
+        """The reference as stored in runs.server_state."""
         return json.dumps({"round": self.round, "digest": self.digest}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ServerStateRef:
+        """Parse `to_json` output."""
         raw = json.loads(text)
         return cls(round=raw["round"], digest=raw["digest"])
 
 
 @dataclass(frozen=True)
 class Run:
+    """A run: its state, the round it is in, what its initial adapter fixed, and its schedule and task."""
+
     run_id: str
     state: RunState
     round: int  # the round being trained (1-based); the latest global is round - 1
@@ -124,6 +128,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Round:
+    """One round of a run: its phase, the global it starts from, its deadline and the global it produced."""
+
     run_id: str
     round: int
     phase: RoundPhase
@@ -137,6 +143,8 @@ class Round:
 
 @dataclass(frozen=True)
 class Client:
+    """An enrolled site and what its last heartbeat said."""
+
     name: str
     cert_fingerprint: str  # the only certificate this site may connect with
     enrolled_at: float
@@ -151,6 +159,8 @@ class Client:
 
 @dataclass(frozen=True)
 class Token:
+    """A join token (only the HMAC key derived from its secret is kept)."""
+
     token_id: str
     name: str  # the site it enrolls
     proof_key: bytes = field(repr=False)
@@ -192,6 +202,8 @@ class Update:
 
 @dataclass(frozen=True)
 class GlobalVersion:
+    """A published, signed global version of a run."""
+
     digest: str
     run_id: str
     round: int
@@ -203,6 +215,8 @@ class GlobalVersion:
 
 @dataclass(frozen=True)
 class MetricsReport:
+    """Metrics measured on the global `global_digest` in a round, by a site or the server step."""
+
     run_id: str
     round: int
     client: str
@@ -214,6 +228,8 @@ class MetricsReport:
 
 @dataclass(frozen=True)
 class AuditEntry:
+    """One link of the hash-chained audit log."""
+
     seq: int
     entry_json: str
     prev_hash: str
@@ -221,4 +237,5 @@ class AuditEntry:
 
     @property
     def entry(self) -> dict[str, Any]:
+        """The entry's content (its canonical JSON, parsed)."""
         return json.loads(self.entry_json)

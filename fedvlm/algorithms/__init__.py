@@ -48,6 +48,7 @@ def algorithm_config(name: str = DEFAULT, **options: Any) -> AlgorithmConfig:
 
 
 def default_config() -> AlgorithmConfig:
+    """The config of the default algorithm (fedavg) with every key at its default."""
     return config_from_table({})
 
 

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Registration:
+    """What one algorithm registered: its config class and its implementation."""
+
     config: type[AlgorithmConfig]
     algorithm: type[Algorithm]
 
