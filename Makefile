@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint proto bench clean
+SHELL := /bin/bash
+
+.PHONY: setup demo test test-fast test-slow lint proto bench clean
 
 setup: $(STAMP)
 
@@ -25,10 +27,27 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/fedvlm demo
 
-# pytest exits 5 when it collects nothing: that is a broken suite, never a pass.
+# The suite in two runs: in-process tests first, then the tests marked slow (real daemons and site processes).
+# pytest exits 5 when it collects nothing: that is a broken suite, never a pass, for either run.
+# $(call pytest_run,LABEL,MARKER EXPRESSION): the run's output is also kept in .pytest-LABEL.log for the summary.
+define pytest_run
+	@echo "== $(1) tests (-m '$(2)') =="; \
+	$(BIN)/python -m pytest -m "$(2)" $(PYTEST_ARGS) 2>&1 | tee .pytest-$(1).log; rc=$${PIPESTATUS[0]}; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no $(1) tests"; exit 1; fi; exit $$rc
+endef
+
+test-fast: setup
+	$(call pytest_run,fast,not slow)
+
+test-slow: setup
+	$(call pytest_run,slow,slow)
+
 test: setup
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+	@$(MAKE) --no-print-directory test-fast; fast=$$?; \
+	$(MAKE) --no-print-directory test-slow; slow=$$?; \
+	echo "== summary: fast: $$(tail -n 1 .pytest-fast.log) | slow: $$(tail -n 1 .pytest-slow.log)"; \
+	rm -f .pytest-fast.log .pytest-slow.log; \
+	[ $$fast -eq 0 ] && [ $$slow -eq 0 ]
 
 lint: setup
 	$(BIN)/ruff check .

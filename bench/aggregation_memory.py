@@ -159,33 +159,51 @@ def child(folder: Path, index: Path, k: int, out: Path, aggregator: str, phases:
     import torch
 
     from fedvlm import adapters
+    from fedvlm.algorithms import build
     from fedvlm.algorithms.base import ClientUpdate, split_aux
     from fedvlm.algorithms.fedavg import fedavg
     from fedvlm.coordinator.blobs import BlobStore
-    from fedvlm.coordinator.config import FederationConfig
-    from fedvlm.coordinator.rounds import RoundDriver, algorithm_of
-    from fedvlm.coordinator.store import Store
-    from fedvlm.security import pki
+    from fedvlm.coordinator.config import FederationConfig, RunConfig
+    from fedvlm.coordinator.rounds import RoundDriver
+    from fedvlm.coordinator.state import Activity, State
+    from fedvlm.security import pki, signing
+    from fedvlm.security.signing import UpdateManifest
     from fedvlm.spec import TaskSpec
 
     all_entries = json.loads(index.read_text())
     base_entry, entries = all_entries[0], all_entries[1:k + 1]  # file 0 is the round's base global
-    state = Path(tempfile.mkdtemp(prefix=f"agg-k{k}-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=f"agg-k{k}-", dir=folder))
     blobs = BlobStore(folder / "blobs")
-    store = Store(state / "state.db")
-    run_id, base = "benchrun", base_entry["digest"]
+    state = State(tmp / "state.db")
     task = TaskSpec.from_dict({"algorithm": {"aggregator": aggregator}}) if aggregator != "mean" else TaskSpec()
-    with store.tx() as db:
-        db.execute("INSERT INTO runs(run_id, config_json, task_json, state, round, created_at) VALUES (?,?,?,?,?,?)",
-                   (run_id, "{}", task.to_json(), "running", 1, time.time()))
-        db.execute("INSERT INTO rounds(run_id, round, phase, base_digest, started_at) VALUES (?,?,?,?,?)",
-                   (run_id, 1, "training", base, time.time()))
-        for e in entries:
-            db.execute("INSERT INTO updates(run_id, round, client, digest, num_examples, manifest_json, signature,"
-                       " accepted_at) VALUES (?,?,?,?,?,?,?,?)",
-                       (run_id, 1, e["client"], e["digest"], e["num_examples"], "{}", b"", time.time()))
-    driver = RoundDriver(store, blobs, FederationConfig(), "bench", pki.generate_key())
-    run = store.current_run()
+    config = FederationConfig(run=RunConfig(rounds=1, min_clients=k, clients_per_round=k, quorum=k,
+                                            final_eval=False), task=task)
+    driver = RoundDriver(state, blobs, config, "bench", pki.generate_key())
+
+    def accept(run_id: str, number: int, client: str, digest: str, num_examples: int, base_digest: str) -> None:
+        # An update accepted through the state's transitions, without Intake's copy and checks of 64 MiB files.
+        manifest = UpdateManifest(federation_id="bench", run_id=run_id, round=number, client=client,
+                                  base_digest=base_digest, sha256=digest, size=blobs.path(digest).stat().st_size,
+                                  num_examples=num_examples, nonce=signing.new_nonce(), created_at=time.time())
+        upload_id = manifest.nonce
+        state.announce_upload(upload_id, manifest, manifest.to_json(), b"")
+        state.accept_update(upload_id, digest)
+
+    # Round 1 of a real run: file 0 adopted as global 0 by the driver, the K sites sampled, their updates accepted.
+    run = driver.ensure_run()
+    state.claim_init(run.run_id, "site-init")
+    accept(run.run_id, 0, "site-init", base_entry["digest"], 1, signing.INITIAL_BASE)
+    for e in entries:  # enrolled and live, so that the driver samples them
+        token_id = e["client"]
+        state.issue_token(token_id, e["client"], b"", time.time() + 3600)
+        state.enroll_client(token_id, e["client"], "bench")
+        state.record_heartbeat(e["client"], Activity.IDLE, "", 0, 0)
+    driver.tick()
+    base = base_entry["digest"]
+    for e in entries:
+        accept(run.run_id, 1, e["client"], e["digest"], e["num_examples"], base)
+    run = state.current_run()
+    rnd = state.round(run.run_id, 1)
     accepted = [e["client"] for e in entries]
 
     sampler = PeakSampler().start()
@@ -202,23 +220,23 @@ def child(folder: Path, index: Path, k: int, out: Path, aggregator: str, phases:
 
     def fedavg_fn() -> None:
         # fedvlm.algorithms.fedavg.fedavg over iter_file_tensors: one tensor of one update at a time.
-        rows = store.accepted_updates(run.run_id, run.round)
-        merged = fedavg((row["num_examples"], adapters.iter_file_tensors(blobs.path(row["digest"]))) for row in rows)
+        updates = state.accepted_updates(run.run_id, run.round)
+        merged = fedavg((u.num_examples, adapters.iter_file_tensors(blobs.path(u.digest))) for u in updates)
         del merged
 
     def algorithm_step() -> None:
         # The math of RoundDriver._aggregate: the run's Algorithm.aggregate over deferred loaders of the blobs.
-        rows = store.accepted_updates(run.run_id, run.round)
-        algorithm = algorithm_of(run)
+        updates = state.accepted_updates(run.run_id, run.round)
+        algorithm = build(run.task.algorithm)
         base_tensors, _ = split_aux(dict(adapters.iter_file_tensors(blobs.path(base))))
-        updates = [ClientUpdate(row["num_examples"], driver._loader(row["digest"])) for row in rows]
-        res = algorithm.aggregate(base_tensors, updates, algorithm.initial_state(base_tensors), run.round)
+        loaders = [ClientUpdate(u.num_examples, driver._loader(u.digest)) for u in updates]
+        res = algorithm.aggregate(base_tensors, loaders, algorithm.initial_state(base_tensors), run.round)
         del res
 
     def round_close() -> None:
         # RoundDriver._aggregate itself: the algorithm, serialisation, fsync'd global blob, signed record, audit.
-        driver._aggregate(run, base, accepted)
-        digest = store.one("SELECT global_digest FROM rounds WHERE run_id=? AND round=1", (run_id,))["global_digest"]
+        driver._aggregate(run, rnd, accepted)
+        digest = state.round(run.run_id, 1).global_digest
         result["global_bytes"] = blobs.path(digest).stat().st_size
         blobs.path(digest).unlink()  # the benchmark's only output blob; the update files stay for the next K
 
@@ -246,10 +264,10 @@ def child(folder: Path, index: Path, k: int, out: Path, aggregator: str, phases:
     sampler.stop()
     result["ru_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["samples"] = sampler.samples
-    store.close()
-    for f in state.iterdir():
+    state.close()
+    for f in tmp.iterdir():
         f.unlink()
-    state.rmdir()
+    tmp.rmdir()
     out.write_text(json.dumps(result))
 
 

@@ -213,13 +213,14 @@ def server_phases(payload: Path, init_payload: Path, work: Path, repeats: int) -
     from fedvlm import adapters
     from fedvlm.coordinator.blobs import BlobStore, file_sha256
     from fedvlm.coordinator.intake import Intake
-    from fedvlm.coordinator.store import Store
+    from fedvlm.coordinator.state import State
     from fedvlm.security import pki, signing
+    from fedvlm.security.signing import UpdateManifest
     from fedvlm.wire.chunks import iter_file_chunks
 
     work.mkdir(parents=True, exist_ok=True)
-    store = Store(work / "phases.db")
-    intake = Intake(store, BlobStore(work / "blobs"), work / "uploads", "bench", 1 << 40, lambda: None)
+    state = State(work / "phases.db")
+    intake = Intake(state, BlobStore(work / "blobs"), work / "uploads", "bench", 1 << 40, lambda: None)
     run = types.SimpleNamespace(schema_json=adapters.schema_to_json(adapters.read_file_schema(init_payload)))
     frames_in_memory = list(iter_file_chunks(payload))
     size = payload.stat().st_size
@@ -250,14 +251,13 @@ def server_phases(payload: Path, init_payload: Path, work: Path, repeats: int) -
         sig = signing.sign(key, manifest_bytes)
         timed("signature_verify", lambda sig=sig, mb=manifest_bytes: signing.verify(cert, mb, sig))
         upload_id = f"bench{rep:04d}"
-        with store.tx() as db:
-            db.execute("INSERT INTO uploads(upload_id, run_id, round, client, nonce, manifest_json, signature, size,"
-                       " sha256, received, created_at) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
-                       (upload_id, "r", 1, "c", upload_id, "{}", b"", size, "0" * 64, time.time()))
-        row = {"upload_id": upload_id, "size": size}
+        manifest = UpdateManifest(federation_id="bench", run_id="r", round=1, client="c", base_digest="0" * 64,
+                                  sha256="0" * 64, size=size, num_examples=1, nonce=signing.new_nonce(),
+                                  created_at=time.time())
+        upload = state.announce_upload(upload_id, manifest, manifest.to_json(), b"")
         frames = ((upload_id, off, data) for off, data in frames_in_memory)
-        received = timed("receive_write_fsync", lambda row=row, frames=frames: intake._append(row, next(frames),
-                                                                                               frames))
+        received = timed("receive_write_fsync", lambda upload=upload, frames=frames: intake._append(
+            upload, next(frames), frames))
         received = received[0] if isinstance(received, tuple) else received
         assert received == size, received
         part = intake.part_path(upload_id)
@@ -283,9 +283,8 @@ def server_phases(payload: Path, init_payload: Path, work: Path, repeats: int) -
 
         timed("proposed_sha256_in_memory", hash_frames)
         part.unlink()
-        with store.tx() as db:
-            db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
-    store.close()
+        state.discard_upload(upload_id)
+    state.close()
     return {name: statistics.median(v) for name, v in phases.items()}
 
 

@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from fedvlm import adapters
-from fedvlm.algorithms.base import build as build_algorithm
+from fedvlm.algorithms import build as build_algorithm
 from fedvlm.algorithms.base import split_aux, with_aux
 from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest

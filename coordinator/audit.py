@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord, SignatureError
 
 from .blobs import BlobStore, file_sha256
-from .store import GENESIS, Store, audit_hash
+from .state import GENESIS, State, audit_hash
 
 
 class AuditError(Exception):
@@ -22,32 +21,32 @@ class AuditReport:
     globals_checked: int
 
 
-def verify_audit(store: Store, blobs: BlobStore, signer_cert) -> AuditReport:
+def verify_audit(state: State, blobs: BlobStore, signer_cert) -> AuditReport:
     """Walk the chain from genesis: links, signatures of global records, blob digests. Raises AuditError."""
     prev = GENESIS
     entries = checked = 0
-    for row in store.query("SELECT * FROM audit ORDER BY seq"):
+    for row in state.audit_entries():
         entries += 1
-        if row["prev_hash"] != prev:
-            raise AuditError(f"entry {row['seq']}: chain broken (prev_hash does not match entry {row['seq'] - 1})")
-        if audit_hash(prev, row["entry_json"]) != row["hash"]:
-            raise AuditError(f"entry {row['seq']}: content was altered (hash mismatch)")
-        prev = row["hash"]
-        entry = json.loads(row["entry_json"])
+        if row.prev_hash != prev:
+            raise AuditError(f"entry {row.seq}: chain broken (prev_hash does not match entry {row.seq - 1})")
+        if audit_hash(prev, row.entry_json) != row.hash:
+            raise AuditError(f"entry {row.seq}: content was altered (hash mismatch)")
+        prev = row.hash
+        entry = row.entry
         if entry.get("kind") != "global":
             continue
         record = GlobalRecord.from_json(entry["record"])
         try:
             signing.verify(signer_cert, record.canonical(), bytes.fromhex(entry["signature"]))
         except SignatureError as exc:
-            raise AuditError(f"entry {row['seq']}: signature of global round {record.round} is invalid") from exc
+            raise AuditError(f"entry {row.seq}: signature of global round {record.round} is invalid") from exc
         path = blobs.path(record.digest)
         if not path.exists():
-            raise AuditError(f"entry {row['seq']}: blob of global round {record.round} is missing ({path})")
+            raise AuditError(f"entry {row.seq}: blob of global round {record.round} is missing ({path})")
         if file_sha256(path) != record.digest:
-            raise AuditError(f"entry {row['seq']}: blob of global round {record.round} does not match its digest")
+            raise AuditError(f"entry {row.seq}: blob of global round {record.round} does not match its digest")
         checked += 1
-    last = store.one("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1")
-    if last is not None and last["hash"] != prev:  # pragma: no cover - same query, defensive
+    head = state.audit_head()
+    if head is not None and head != prev:  # pragma: no cover - same query, defensive
         raise AuditError("chain head moved during verification")
     return AuditReport(entries, checked)

@@ -24,8 +24,8 @@ from .blobs import BlobStore
 from .config import DEFAULT_TOML
 from .enrollment import Enroller, check_site_name
 from .layout import FederationDir
+from .state import State, StateError
 from .status import snapshot
-from .store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The fedvlm coordinator: federation set-up, the daemon, status and export.")
@@ -44,11 +44,14 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _open(dir: Path, readonly: bool = False) -> tuple[FederationDir, Store]:
+def _open(dir: Path, readonly: bool = False) -> tuple[FederationDir, State]:
     fed = FederationDir(dir)
     if not fed.exists():
         fail(f"{dir} is not a federation directory (run `fedvlm-coord init --dir {dir}` first)")
-    return fed, Store(fed.database, readonly=readonly)
+    try:
+        return fed, State(fed.database, readonly=readonly)
+    except StateError as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -76,12 +79,9 @@ def init(dir: Path = DirOpt,
     pki.write_public(fed.admin_cert, pki.cert_to_pem(admin_cert))
     if not fed.config.exists():
         fed.config.write_text(DEFAULT_TOML.format(name=name))
-    store = Store(fed.database)
-    federation_id = uuid.uuid4().hex
-    store.set_meta("federation_id", federation_id)
-    with store.tx() as db:
-        store.append_audit(db, {"kind": "init", "federation_id": federation_id, "ca": pki.fingerprint(ca_cert)})
-    store.close()
+    state = State(fed.database)
+    state.init_federation(uuid.uuid4().hex, pki.fingerprint(ca_cert))
+    state.close()
     console.print(f"federation [bold]{name}[/] created in {dir}")
     console.print(f"  CA fingerprint (sha256): {pki.fingerprint(ca_cert)}")
     console.print(f"  server certificate for: {', '.join(hosts)}")
@@ -96,7 +96,7 @@ def enroll(site: str = typer.Argument(..., help="Site name (becomes its certific
                                            help="Enrollment port the site will use (default: the running "
                                                 f"daemon's, else {DEFAULT_ENROLL_PORT}).")) -> None:
     """Print a one-time join token for SITE."""
-    fed, store = _open(dir)
+    fed, state = _open(dir)
     try:
         check_site_name(site)
         seconds = parse_duration(ttl)
@@ -106,9 +106,9 @@ def enroll(site: str = typer.Argument(..., help="Site name (becomes its certific
         enroll_port = DEFAULT_ENROLL_PORT
         if fed.address_file.exists():
             enroll_port = int(json.loads(fed.address_file.read_text())["enrollment"].rsplit(":", 1)[1])
-    enroller = Enroller(store, None, pki.load_cert_pem(fed.ca_cert.read_bytes()), store.get_meta("federation_id"))
+    enroller = Enroller(state, None, pki.load_cert_pem(fed.ca_cert.read_bytes()), state.federation_id())
     token = enroller.issue_token(site, seconds, enroll_port)
-    store.close()
+    state.close()
     typer.echo(token.encode())
 
 
@@ -123,14 +123,14 @@ def serve(dir: Path = DirOpt,
           log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Run the coordinator daemon (restart-safe: it resumes the run and round it was in)."""
     setup_logging(log_level)
-    fed, store = _open(dir)
-    store.close()
+    fed, state = _open(dir)  # refuses a directory this version cannot read, in one line
+    state.close()
     from .server import Coordinator
 
     try:
         coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None)
         coordinator.start()
-    except (SpecError, OSError) as exc:
+    except (SpecError, StateError, OSError) as exc:
         fail(str(exc))
     coordinator.wait(exit_when_done=exit_when_done)
 
@@ -155,11 +155,11 @@ def _status_dict(dir: Path | None, coordinator: str | None, cert: Path | None, k
                 fail(f"{coordinator}: {exc.code().name}: {exc.details()}")
         return json_format.MessageToDict(reply, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
-    _, store = _open(dir or Path("fedvlm-federation"), readonly=True)
+    _, state = _open(dir or Path("fedvlm-federation"), readonly=True)
     try:
-        return snapshot(store, live=False)
+        return snapshot(state, live=False)
     finally:
-        store.close()
+        state.close()
 
 
 RemoteOpt = typer.Option(None, "--coordinator", help="HOST:PORT of a live coordinator (uses the Admin RPC).")
@@ -214,12 +214,9 @@ def rounds(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = C
 @app.command()
 def revoke(site: str, dir: Path = DirOpt) -> None:
     """Refuse SITE from now on (its certificate stops working at the next RPC)."""
-    _, store = _open(dir)
-    with store.tx() as db:
-        changed = db.execute("UPDATE clients SET revoked=1 WHERE name=?", (site,)).rowcount
-        if changed:
-            store.append_audit(db, {"kind": "revoke", "name": site})
-    store.close()
+    _, state = _open(dir)
+    changed = state.revoke_client(site)
+    state.close()
     if not changed:
         fail(f"no enrolled site named {site!r}")
     console.print(f"revoked {site}")
@@ -232,27 +229,27 @@ def export(dir: Path = DirOpt,
     """Write a global version as a PEFT adapter directory (loads with PeftModel.from_pretrained)."""
     from .export import ExportError, export_global  # imports torch: only here, so other commands start fast
 
-    fed, store = _open(dir, readonly=True)
+    fed, state = _open(dir, readonly=True)
     try:
-        path = export_global(store, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()),
+        path = export_global(state, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()),
                              round_, out)
     except ExportError as exc:
         fail(str(exc))
     finally:
-        store.close()
+        state.close()
     console.print(f"exported to {path}")
 
 
 @audit_app.command("verify")
 def audit_verify(dir: Path = DirOpt) -> None:
     """Re-check the audit hash chain, every global's signature and every global's bytes."""
-    fed, store = _open(dir, readonly=True)
+    fed, state = _open(dir, readonly=True)
     try:
-        report = verify_audit(store, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()))
+        report = verify_audit(state, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()))
     except AuditError as exc:
         fail(f"audit verification failed: {exc}")
     finally:
-        store.close()
+        state.close()
     console.print(f"audit log OK: {report.entries} entries, {report.globals_checked} signed global versions verified")
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvlm.security.tokens import TokenError, parse_duration
 from fedvlm.spec import SpecError, TaskSpec
+from fedvlm.tables import Duration, from_table, require
 
 
 @dataclass(frozen=True)
@@ -20,9 +19,9 @@ class RunConfig:
     min_clients: int = 3  # live clients needed before a round starts
     clients_per_round: int = 3  # n sampled per round
     quorum: int = 3  # k of n accepted updates needed to aggregate at the deadline
-    round_deadline: float = 600.0
-    poll_interval: float = 1.0
-    heartbeat_timeout: float = 60.0  # a client silent for longer is offline and is not sampled
+    round_deadline: Duration = 600.0
+    poll_interval: Duration = 1.0
+    heartbeat_timeout: Duration = 60.0  # a client silent for longer is offline and is not sampled
     max_update_mb: float = 1024.0
     final_eval: bool = True  # after the last round, ask the sites to evaluate the final global
 
@@ -39,8 +38,7 @@ class RunConfig:
             (self.max_update_mb > 0, "run.max_update_mb", "must be > 0"),
         ]
         for ok, key, why in checks:
-            if not ok:
-                raise SpecError(f"{key}: {why}")
+            require(ok, key, why)
 
     @property
     def max_update_bytes(self) -> int:
@@ -54,6 +52,9 @@ class FederationConfig:
     name: str = "fedvlm"
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskSpec = field(default_factory=TaskSpec)
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.name, str) and self.name != "", "name", "must be a non-empty string")
 
     @classmethod
     def load(cls, path: Path) -> FederationConfig:
@@ -71,56 +72,8 @@ class FederationConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FederationConfig:
-        raw = dict(raw)
-        name = raw.pop("name", "fedvlm")
-        if not isinstance(name, str) or not name:
-            raise SpecError("name: must be a non-empty string")
-        run = _run_config(raw.pop("run", {}))
-        task = TaskSpec.from_dict(raw.pop("task", {}))
-        if raw:
-            raise SpecError(f"{sorted(raw)[0]}: unknown key (known: name, run, task)")
-        return cls(name=name, run=run, task=task)
-
-
-_DURATIONS = {"round_deadline", "poll_interval", "heartbeat_timeout"}
-
-
-def _run_config(raw: Any) -> RunConfig:
-    if not isinstance(raw, dict):
-        raise SpecError("run: expected a table")
-    known = {f.name: f for f in dataclasses.fields(RunConfig)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise SpecError(f"run.{key}: unknown key (known: {', '.join(sorted(known))})")
-        if key in _DURATIONS:
-            values[key] = _seconds(value, f"run.{key}")
-            continue
-        default = known[key].default
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise SpecError(f"run.{key}: expected true or false")
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(f"run.{key}: expected a number")
-            value = float(value)
-        elif isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"run.{key}: expected an integer")
-        values[key] = value
-    return RunConfig(**values)
-
-
-def _seconds(value: Any, key: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise SpecError(f"{key}: must be > 0")
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(parse_duration(value))
-        except TokenError as exc:
-            raise SpecError(f"{key}: {exc}") from exc
-    raise SpecError(f"{key}: expected a duration like \"90s\", \"10m\" or a number of seconds")
+        """Parse and validate a federation.toml table; raises SpecError naming the key."""
+        return from_table(cls, raw, "")
 
 
 DEFAULT_TOML = """\
@@ -154,6 +107,6 @@ batch_size = 8
 lr = 0.001
 
 [task.algorithm]           # docs/algorithms.md
-name = "fedavg"            # fedavg | fedprox | scaffold | fedavgm | fedadagrad | fedyogi | fedadam
+name = "fedavg"            # docs/algorithms.md: the algorithms and their keys
 aggregator = "mean"        # mean | median | trimmed_mean | krum
 """

@@ -14,24 +14,24 @@ from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord
 
 from .blobs import BlobStore, file_sha256
-from .store import Store
+from .state import State
 
 
 class ExportError(Exception):
     """Nothing was written; the message says why."""
 
 
-def export_global(store: Store, blobs: BlobStore, signer_cert, number: int | None, out: Path) -> Path:
+def export_global(state: State, blobs: BlobStore, signer_cert, number: int | None, out: Path) -> Path:
     """Write global round `number` (latest if None) of the current run to `out`, after re-checking its signature
     and digest. `out` must not exist or be an empty directory; it appears complete or not at all."""
-    run = store.current_run()
+    run = state.current_run()
     if run is None:
         raise ExportError("no run in this federation yet")
-    row = store.latest_global(run.run_id) if number is None else store.global_row(run.run_id, number)
-    if row is None:
+    version = state.latest_global(run.run_id) if number is None else state.global_version(run.run_id, number)
+    if version is None:
         raise ExportError(f"no global version for round {number} (see `fedvlm-coord rounds`)")
-    record = GlobalRecord.from_json(row["record_json"])
-    signing.verify(signer_cert, record.canonical(), row["signature"])
+    record = GlobalRecord.from_json(version.record_json)
+    signing.verify(signer_cert, record.canonical(), version.signature)
     path = blobs.path(record.digest)
     if file_sha256(path) != record.digest:
         raise ExportError(f"blob {record.digest[:12]} does not match its digest; run `fedvlm-coord audit verify`")
@@ -47,7 +47,7 @@ def export_global(store: Store, blobs: BlobStore, signer_cert, number: int | Non
         config = json.loads(run.adapter_config)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "fedvlm_global.json").write_text(json.dumps(
-            {"record": json.loads(row["record_json"]), "signature": row["signature"].hex()}, indent=2))
+            {"record": json.loads(version.record_json), "signature": version.signature.hex()}, indent=2))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

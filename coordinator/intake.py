@@ -20,15 +20,15 @@ from cryptography import x509
 
 from fedvlm import adapters
 from fedvlm.adapters import AdapterError
-from fedvlm.algorithms.base import AUX_PREFIX, build
+from fedvlm.algorithms import build
+from fedvlm.algorithms.base import AUX_PREFIX
 from fedvlm.algorithms.lora_exact import rank_flexible_schema
 from fedvlm.security import signing
 from fedvlm.security.signing import SignatureError, UpdateManifest
-from fedvlm.spec import TaskSpec
 
 from .blobs import BlobStore, file_sha256
 from .errors import Refused
-from .store import Run, Store
+from .state import AssignmentState, RoundPhase, Run, RunState, State, Upload
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,19 @@ CHECKPOINT_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class UploadTicket:
+    """Where a site (re)starts sending an announced upload: its id, the durable offset and the size."""
+
     upload_id: str
     offset: int
     size: int
 
 
 class Intake:
-    """Accepts updates for the current run; `on_accepted` wakes the round driver."""
+    """Accepts updates for the current run; `on_accepted` wakes the round driver. Time is the state's clock."""
 
-    def __init__(self, store: Store, blobs: BlobStore, uploads_dir: Path, federation_id: str,
+    def __init__(self, state: State, blobs: BlobStore, uploads_dir: Path, federation_id: str,
                  max_update_bytes: int, on_accepted: Callable[[], None]) -> None:
-        self.store = store
+        self.state = state
         self.blobs = blobs
         self.uploads_dir = uploads_dir
         self.federation_id = federation_id
@@ -81,51 +83,46 @@ class Intake:
         if manifest.size > self.max_update_bytes:
             raise Refused("RESOURCE_EXHAUSTED",
                           f"update of {manifest.size} bytes exceeds the limit of {self.max_update_bytes} bytes")
-        if self.store.one("SELECT 1 FROM nonces WHERE nonce=?", (manifest.nonce,)):
+        if self.state.nonce_used(manifest.nonce):
             raise Refused("ALREADY_EXISTS", "replayed manifest: this nonce was already used")
-        existing = self.store.one("SELECT * FROM uploads WHERE nonce=?", (manifest.nonce,))
+        existing = self.state.upload_by_nonce(manifest.nonce)
         if existing is not None:
-            if existing["client"] != client or existing["manifest_json"] != manifest_json:
+            if existing.client != client or existing.manifest_json != manifest_json:
                 raise Refused("ALREADY_EXISTS", "nonce reuse: another manifest was announced with this nonce")
-            return UploadTicket(existing["upload_id"], existing["received"], existing["size"])
+            return UploadTicket(existing.upload_id, existing.received, existing.size)
         self._check_round(manifest)
         upload_id = hashlib.sha256(f"{client}:{manifest.nonce}".encode()).hexdigest()[:32]
-        with self.store.tx() as db:
-            db.execute(
-                "INSERT INTO uploads(upload_id, run_id, round, client, nonce, manifest_json, signature, size, sha256,"
-                " received, created_at) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
-                (upload_id, manifest.run_id, manifest.round, client, manifest.nonce, manifest_json, signature,
-                 manifest.size, manifest.sha256, time.time()),
-            )
+        self.state.announce_upload(upload_id, manifest, manifest_json, signature)
         log.info("upload announced client=%s round=%d size=%d id=%s", client, manifest.round, manifest.size,
                  upload_id)
         return UploadTicket(upload_id, 0, manifest.size)
 
     def _check_round(self, manifest: UpdateManifest) -> Run:
         """The manifest must target the open round of the current run, from its base global, by a sampled client."""
-        run = self.store.current_run()
+        run = self.state.current_run()
         if run is None or manifest.run_id != run.run_id:
             raise Refused("FAILED_PRECONDITION", "manifest is for a run that is not the current one")
-        if run.state == "init":
+        if run.state is RunState.INIT:
             if manifest.round != 0 or manifest.client != run.init_client:
                 raise Refused("FAILED_PRECONDITION", "the run is waiting for its initial adapter from another site")
-            if self.store.one("SELECT 1 FROM updates WHERE run_id=? AND round=0", (run.run_id,)):
+            if self.state.initial_update(run.run_id) is not None:
                 raise Refused("ALREADY_EXISTS", "the initial adapter was already accepted")
             return run
-        if run.state != "running":
+        if run.state is not RunState.RUNNING:
             raise Refused("FAILED_PRECONDITION", f"the run is {run.state}; no updates are taken")
         if manifest.round != run.round:
             raise Refused("FAILED_PRECONDITION",
                           f"update for round {manifest.round} but the open round is {run.round}")
-        rnd = self.store.round(run.run_id, run.round)
-        if rnd is None or rnd.phase != "training":
+        rnd = self.state.round(run.run_id, run.round)
+        if rnd is None or rnd.phase is not RoundPhase.TRAINING:
             raise Refused("FAILED_PRECONDITION", f"round {run.round} is not collecting updates")
-        status = self.store.assignment(run.run_id, run.round, manifest.client)
-        if status == "accepted":
+        status = self.state.assignment(run.run_id, run.round, manifest.client)
+        if status is AssignmentState.ACCEPTED:
             raise Refused("ALREADY_EXISTS", f"your update for round {run.round} was already accepted")
-        if status == "late" or (status == "assigned" and rnd.deadline is not None and time.time() > rnd.deadline):
+        if status is AssignmentState.LATE or (status is AssignmentState.ASSIGNED and rnd.deadline is not None
+                                              and self.state.now() > rnd.deadline):
             raise Refused("DEADLINE_EXCEEDED", f"late: the deadline of round {run.round} has passed")
-        if status != "assigned":
+        if status is not AssignmentState.ASSIGNED:
             raise Refused("PERMISSION_DENIED", f"you were not sampled for round {run.round}")
         if manifest.base_digest != rnd.base_digest:
             raise Refused("FAILED_PRECONDITION",
@@ -142,19 +139,18 @@ class Intake:
         first = next(frames, None)
         if first is None:
             raise Refused("INVALID_ARGUMENT", "empty upload stream")
-        upload_id = first[0]
-        row = self.store.one("SELECT * FROM uploads WHERE upload_id=?", (upload_id,))
-        if row is None or row["client"] != client:
+        upload = self.state.upload(first[0])
+        if upload is None or upload.client != client:
             raise Refused("NOT_FOUND", "unknown upload id: call StartUpload first")
-        with self._lock_for(upload_id):
-            received = self._append(row, first, frames)
-            if received < row["size"]:
+        with self._lock_for(upload.upload_id):
+            received = self._append(upload, first, frames)
+            if received < upload.size:
                 return "", received
-            return self._finalize(row), received
+            return self._finalize(upload), received
 
-    def _append(self, row, first: tuple[str, int, bytes], frames: Iterator[tuple[str, int, bytes]]) -> int:
-        upload_id, size = row["upload_id"], row["size"]
-        committed = self.store.one("SELECT received FROM uploads WHERE upload_id=?", (upload_id,))["received"]
+    def _append(self, upload: Upload, first: tuple[str, int, bytes], frames: Iterator[tuple[str, int, bytes]]) -> int:
+        upload_id, size = upload.upload_id, upload.size
+        committed = self.state.upload(upload_id).received  # re-read under the lock: another stream may have added
         part = self.part_path(upload_id)
         position = committed
         pending = 0
@@ -204,37 +200,25 @@ class Intake:
     def _make_durable(self, fd: int, upload_id: str, position: int) -> int:
         """fsync the part file, then commit `position`: a committed offset only ever covers durable bytes."""
         os.fsync(fd)
-        with self.store.tx() as db:
-            db.execute("UPDATE uploads SET received=? WHERE upload_id=?", (position, upload_id))
+        self.state.checkpoint_upload(upload_id, position)
         return position
 
-    def _finalize(self, row) -> str:
+    def _finalize(self, upload: Upload) -> str:
         """Verify a complete upload and accept it atomically, or discard it with a clear refusal."""
-        part = self.part_path(row["upload_id"])
-        manifest = UpdateManifest.from_json(row["manifest_json"])
+        part = self.part_path(upload.upload_id)
+        manifest = UpdateManifest.from_json(upload.manifest_json)
         try:
             # The digest computed while the bytes arrived (re-read from disk only if this process did not see them).
-            digest = self._stream_digests.pop(row["upload_id"], None) or file_sha256(part)
+            digest = self._stream_digests.pop(upload.upload_id, None) or file_sha256(part)
             if digest != manifest.sha256:
                 raise Refused("INVALID_ARGUMENT", "digest mismatch: the bytes are not the ones the manifest signed")
             run = self._check_round(manifest)
             self._check_tensors(part, run)
         except Refused:
-            self._discard(row["upload_id"])
+            self._discard(upload.upload_id)
             raise
         self.blobs.adopt(part, digest)
-        with self.store.tx() as db:
-            db.execute(
-                "INSERT INTO updates(run_id, round, client, digest, num_examples, manifest_json, signature,"
-                " accepted_at) VALUES (?,?,?,?,?,?,?,?)",
-                (manifest.run_id, manifest.round, manifest.client, digest, manifest.num_examples,
-                 row["manifest_json"], row["signature"], time.time()),
-            )
-            db.execute("INSERT INTO nonces(nonce, client, used_at) VALUES (?,?,?)",
-                       (manifest.nonce, manifest.client, time.time()))
-            db.execute("UPDATE assignments SET state='accepted' WHERE run_id=? AND round=? AND client=?",
-                       (manifest.run_id, manifest.round, manifest.client))
-            db.execute("DELETE FROM uploads WHERE upload_id=?", (row["upload_id"],))
+        self.state.accept_update(upload.upload_id, digest)
         log.info("update accepted client=%s round=%d digest=%s", manifest.client, manifest.round, digest[:12])
         self.on_accepted()
         return digest
@@ -247,7 +231,7 @@ class Intake:
             if run.schema_json is None and aux:
                 raise AdapterError(f"the initial adapter must not carry {AUX_PREFIX} tensors")
             if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
-                algorithm = TaskSpec.from_json(run.task_json).algorithm
+                algorithm = run.task.algorithm
                 expected_schema = adapters.schema_from_json(run.schema_json)
                 if algorithm.lora_exact:  # sites may train their own LoRA rank (products are averaged)
                     expected_schema = rank_flexible_schema(schema, expected_schema)
@@ -260,10 +244,9 @@ class Intake:
                     adapters.check_schema(aux, {a: schema[src] for a, src in expected.items()})
                 except AdapterError as exc:
                     raise AdapterError(f"auxiliary tensors ({AUX_PREFIX}...): {exc}") from exc
-                peer = self.store.one("SELECT digest FROM updates WHERE run_id=? AND round=? LIMIT 1",
-                                      (run.run_id, run.round))
-                if peer is not None:
-                    peer_schema = adapters.read_file_schema(self.blobs.path(peer["digest"]))
+                peers = self.state.accepted_updates(run.run_id, run.round)
+                if peers:
+                    peer_schema = adapters.read_file_schema(self.blobs.path(peers[0].digest))
                     if algorithm.lora_exact:  # the same tensor names; LoRA ranks may differ between sites
                         _check_same_names(full, peer_schema)
                     else:
@@ -275,10 +258,10 @@ class Intake:
 
     def _discard(self, upload_id: str) -> None:
         self.part_path(upload_id).unlink(missing_ok=True)
-        with self.store.tx() as db:
-            db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
+        self.state.discard_upload(upload_id)
 
     def part_path(self, upload_id: str) -> Path:
+        """Where the bytes of a partial upload are kept until it is accepted or discarded."""
         return self.uploads_dir / f"{upload_id}.part"
 
     def _lock_for(self, upload_id: str) -> threading.Lock:

@@ -5,18 +5,18 @@ from __future__ import annotations
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
+from .state import State
 from .status import snapshot
-from .store import Store
 
 
 class StatusCollector:
     """Exposes round progress, per-client state and the latest global metrics as gauges."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, state: State) -> None:
+        self.state = state
 
     def collect(self):
-        status = snapshot(self.store, live=True)
+        status = snapshot(self.state, live=True)
         yield GaugeMetricFamily("fedvlm_round", "Round being trained", value=status.get("round", 0))
         yield GaugeMetricFamily("fedvlm_rounds_total", "Rounds in the run", value=status.get("total_rounds", 0))
         yield GaugeMetricFamily("fedvlm_round_updates_accepted", "Accepted updates in the open round",
@@ -39,8 +39,8 @@ class StatusCollector:
             yield latest
 
 
-def start_metrics(listen: str, store: Store) -> None:
+def start_metrics(listen: str, state: State) -> None:
     """Serve /metrics on `listen` (HOST:PORT) from a background thread."""
     host, port = listen.rsplit(":", 1)
-    REGISTRY.register(StatusCollector(store))
+    REGISTRY.register(StatusCollector(state))
     start_http_server(int(port), addr=host)

@@ -37,7 +37,7 @@ from .intake import Intake
 from .layout import FederationDir
 from .rounds import RoundDriver
 from .service import AdminService, EnrollmentService, FederationService
-from .store import Store
+from .state import RunState, State
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,15 @@ class Coordinator:
     def __init__(self, fed: FederationDir, listen: str, enroll_listen: str, metrics_listen: str | None = None):
         self.fed = fed
         self.config = FederationConfig.load(fed.config)
-        self.store = Store(fed.database)
-        self.federation_id = self.store.get_meta("federation_id")
+        self.state = State(fed.database)
+        self.federation_id = self.state.federation_id()
         self.blobs = BlobStore(fed.blobs)
         self.ca_cert = pki.load_cert_pem(fed.ca_cert.read_bytes())
         self.server_key = pki.load_key_pem(fed.server_key.read_bytes())
-        self.driver = RoundDriver(self.store, self.blobs, self.config, self.federation_id, self.server_key)
-        self.intake = Intake(self.store, self.blobs, fed.uploads, self.federation_id,
+        self.driver = RoundDriver(self.state, self.blobs, self.config, self.federation_id, self.server_key)
+        self.intake = Intake(self.state, self.blobs, fed.uploads, self.federation_id,
                              self.config.run.max_update_bytes, self.driver.wake)
-        self.enroller = Enroller(self.store, pki.load_key_pem(fed.ca_key.read_bytes()), self.ca_cert,
+        self.enroller = Enroller(self.state, pki.load_key_pem(fed.ca_key.read_bytes()), self.ca_cert,
                                  self.federation_id)
         self.listen, self.enroll_listen, self.metrics_listen = listen, enroll_listen, metrics_listen
         self._stop = threading.Event()
@@ -74,9 +74,9 @@ class Coordinator:
         self.driver.tick()
         main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
         federation_pb2_grpc.add_FederationServicer_to_server(
-            FederationService(self.store, self.blobs, self.intake, self.config, self.federation_id,
+            FederationService(self.state, self.blobs, self.intake, self.config, self.federation_id,
                               self.fed.server_cert.read_bytes()), main)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.store, self.config), main)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.state, self.config), main)
         creds = mtls_server_credentials(self.fed.server_key.read_bytes(), self.fed.server_cert.read_bytes(),
                                         self.fed.ca_cert.read_bytes())
         main_port = main.add_secure_port(self.listen, creds)
@@ -98,7 +98,7 @@ class Coordinator:
         if self.metrics_listen:
             from .metrics import start_metrics
 
-            start_metrics(self.metrics_listen, self.store)
+            start_metrics(self.metrics_listen, self.state)
         self._driver_thread = threading.Thread(target=self.driver.loop, args=(self._stop,), daemon=True,
                                                name="round-driver")
         self._driver_thread.start()
@@ -109,8 +109,8 @@ class Coordinator:
         return bound
 
     def run_finished(self) -> bool:
-        run = self.store.current_run()
-        return run is not None and run.state == "done"
+        run = self.state.current_run()
+        return run is not None and run.state is RunState.DONE
 
     def wait(self, exit_when_done: bool = False) -> None:
         """Block until SIGINT/SIGTERM (or, with exit_when_done, until the run is done and sites were told)."""
@@ -128,7 +128,7 @@ class Coordinator:
             server.stop(grace=2).wait()
         if self._driver_thread:
             self._driver_thread.join(timeout=5)
-        self.store.close()
+        self.state.close()
 
 
 def _with_port(listen: str, port: int) -> str:

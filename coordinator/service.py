@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -28,16 +26,18 @@ from .config import FederationConfig
 from .enrollment import Enroller
 from .errors import Refused
 from .intake import Intake
+from .state import Activity, AssignmentState, MetricsKind, RoundPhase, RunState, State
 from .status import snapshot
-from .store import Store
 
 log = logging.getLogger(__name__)
 
 Pb = federation_pb2
-CLIENT_STATES = {
-    Pb.CLIENT_STATE_IDLE: "idle", Pb.CLIENT_STATE_DOWNLOADING: "downloading", Pb.CLIENT_STATE_TRAINING: "training",
-    Pb.CLIENT_STATE_UPLOADING: "uploading", Pb.CLIENT_STATE_DONE: "done", Pb.CLIENT_STATE_EVALUATING: "evaluating",
+ACTIVITIES = {
+    Pb.CLIENT_STATE_IDLE: Activity.IDLE, Pb.CLIENT_STATE_DOWNLOADING: Activity.DOWNLOADING,
+    Pb.CLIENT_STATE_TRAINING: Activity.TRAINING, Pb.CLIENT_STATE_UPLOADING: Activity.UPLOADING,
+    Pb.CLIENT_STATE_DONE: Activity.DONE, Pb.CLIENT_STATE_EVALUATING: Activity.EVALUATING,
 }
+REPORTED_KINDS = {MetricsKind.EVAL.value: MetricsKind.EVAL, MetricsKind.TRAIN.value: MetricsKind.TRAIN}
 
 
 def _abort(context: grpc.ServicerContext, refused: Refused) -> None:
@@ -68,9 +68,9 @@ def _guarded(method: Callable) -> Callable:
 class FederationService(federation_pb2_grpc.FederationServicer):
     """The site-facing service. Identity = the verified certificate's CN, checked against the enrolled one."""
 
-    def __init__(self, store: Store, blobs: BlobStore, intake: Intake, config: FederationConfig,
+    def __init__(self, state: State, blobs: BlobStore, intake: Intake, config: FederationConfig,
                  federation_id: str, signer_cert_pem: bytes) -> None:
-        self.store = store
+        self.state = state
         self.blobs = blobs
         self.intake = intake
         self.config = config
@@ -82,48 +82,43 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         if pki.cert_role(cert) != "client":
             raise Refused("PERMISSION_DENIED", "this service is for enrolled sites")
         name = pki.cert_name(cert)
-        row = self.store.client(name)
-        if row is None or row["cert_fingerprint"] != pki.fingerprint(cert):
+        client = self.state.client(name)
+        if client is None or client.cert_fingerprint != pki.fingerprint(cert):
             raise Refused("PERMISSION_DENIED", f"certificate for {name!r} is not the one enrolled")
-        if row["revoked"]:
+        if client.revoked:
             raise Refused("PERMISSION_DENIED", f"client {name!r} has been revoked")
         return name, cert
 
     @_guarded
     def Poll(self, request, context):
         name, _ = self._client(context)
-        self.store.touch_client(name, CLIENT_STATES.get(request.state, "idle"), request.detail[:200],
-                                request.bytes_done, request.bytes_total)
+        self.state.record_heartbeat(name, ACTIVITIES.get(request.state, Activity.IDLE), request.detail[:200],
+                                    request.bytes_done, request.bytes_total)
         return self._assignment_for(name)
 
     def _assignment_for(self, name: str) -> federation_pb2.Assignment:
-        run = self.store.current_run()
+        run = self.state.current_run()
         base = dict(federation_id=self.federation_id, poll_interval_s=self.config.run.poll_interval)
         if run is None:
             return Pb.Assignment(action=Pb.ACTION_WAIT, message="no run yet", **base)
         base.update(run_id=run.run_id, task_spec_json=run.task_json)
-        if run.state == "done":
+        if run.state is RunState.DONE:
             return Pb.Assignment(action=Pb.ACTION_FINISHED, round=run.round, message="run finished", **base)
-        if run.state == "init":
+        if run.state is RunState.INIT:
             if run.init_client is None:
-                with self.store.tx() as db:
-                    db.execute("UPDATE runs SET init_client=? WHERE run_id=? AND init_client IS NULL",
-                               (name, run.run_id))
-                run = self.store.current_run()
-            if run.init_client == name and not self.store.one(
-                    "SELECT 1 FROM updates WHERE run_id=? AND round=0", (run.run_id,)):
+                run = self.state.claim_init(run.run_id, name)
+            if run.init_client == name and self.state.initial_update(run.run_id) is None:
                 return Pb.Assignment(action=Pb.ACTION_INIT, round=0, **base)
             return Pb.Assignment(action=Pb.ACTION_WAIT, message="waiting for the initial adapter", **base)
-        rnd = self.store.round(run.run_id, run.round)
-        status = self.store.assignment(run.run_id, run.round, name)
-        if status != "assigned" or rnd is None or (rnd.deadline or 0) < time.time():
+        rnd = self.state.round(run.run_id, run.round)
+        status = self.state.assignment(run.run_id, run.round, name)
+        if status is not AssignmentState.ASSIGNED or rnd is None or (rnd.deadline or 0) < self.state.now():
             return Pb.Assignment(action=Pb.ACTION_WAIT, round=run.round, message=f"round {run.round}: not sampled",
                                  **base)
-        if run.state == "running" and rnd.phase == "training":
+        if run.state is RunState.RUNNING and rnd.phase is RoundPhase.TRAINING:
             action = Pb.ACTION_TRAIN
-        elif run.state == "evaluating" and not self.store.one(
-                "SELECT 1 FROM metrics WHERE run_id=? AND round=? AND client=? AND kind='eval'",
-                (run.run_id, run.round - 1, name)):
+        elif run.state is RunState.EVALUATING and name not in {
+                m.client for m in self.state.metrics(run.run_id, MetricsKind.EVAL, run.round - 1)}:
             action = Pb.ACTION_EVALUATE
         else:
             return Pb.Assignment(action=Pb.ACTION_WAIT, round=run.round, **base)
@@ -131,14 +126,14 @@ class FederationService(federation_pb2_grpc.FederationServicer):
                              global_version=self._global_info(rnd.base_digest), **base)
 
     def _global_info(self, digest: str) -> federation_pb2.GlobalInfo:
-        row = self.store.global_by_digest(digest)
-        return Pb.GlobalInfo(digest=digest, size=row["size"], record_json=row["record_json"],
-                             signature=row["signature"], signer_cert_pem=self.signer_cert_pem)
+        version = self.state.global_by_digest(digest)
+        return Pb.GlobalInfo(digest=digest, size=version.size, record_json=version.record_json,
+                             signature=version.signature, signer_cert_pem=self.signer_cert_pem)
 
     def FetchGlobal(self, request, context) -> Iterator[common_pb2.Chunk]:
         try:
             self._client(context)
-            if self.store.global_by_digest(request.digest) is None:
+            if self.state.global_by_digest(request.digest) is None:
                 raise Refused("NOT_FOUND", f"no global version {request.digest[:12]}")
         except Refused as refused:
             _abort(context, refused)
@@ -166,26 +161,22 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     @_guarded
     def ReportMetrics(self, request, context):
         name, _ = self._client(context)
-        run = self.store.current_run()
+        run = self.state.current_run()
         if run is None or request.run_id != run.run_id:
             raise Refused("FAILED_PRECONDITION", "metrics for a run that is not the current one")
-        if request.kind not in ("eval", "train"):
+        if request.kind not in REPORTED_KINDS:
             raise Refused("INVALID_ARGUMENT", "metrics kind must be 'eval' or 'train'")
         metrics = {k: float(v) for k, v in request.metrics.items()}
-        with self.store.tx() as db:
-            db.execute("INSERT OR REPLACE INTO metrics(run_id, round, client, kind, global_digest, metrics_json,"
-                       " reported_at) VALUES (?,?,?,?,?,?,?)",
-                       (run.run_id, request.round, name, request.kind, request.global_digest,
-                        json.dumps(metrics, sort_keys=True), time.time()))
-            db.execute("UPDATE clients SET last_metrics=? WHERE name=?", (json.dumps(metrics, sort_keys=True), name))
+        self.state.record_metrics(run.run_id, request.round, name, REPORTED_KINDS[request.kind],
+                                  request.global_digest, metrics)
         return Pb.MetricsAck()
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     """Operator RPCs: callers need a certificate with role "admin"."""
 
-    def __init__(self, store: Store, config: FederationConfig) -> None:
-        self.store = store
+    def __init__(self, state: State, config: FederationConfig) -> None:
+        self.state = state
         self.config = config
 
     @_guarded
@@ -193,7 +184,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         cert = _peer_certificate(context)
         if pki.cert_role(cert) != "admin":
             raise Refused("PERMISSION_DENIED", "the admin service needs an admin certificate")
-        return json_format.ParseDict(snapshot(self.store, live=True), admin_pb2.FederationStatus())
+        return json_format.ParseDict(snapshot(self.state, live=True), admin_pb2.FederationStatus())
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):

@@ -6,11 +6,9 @@ RPC (live coordinator) and read straight from state.db (coordinator stopped); fe
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
-from .store import Store
+from .state import Activity, AssignmentState, MetricsKind, RoundPhase, State
 
 
 def weighted_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -35,60 +33,56 @@ def weighted_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def snapshot(store: Store, live: bool) -> dict[str, Any]:
+def snapshot(state: State, live: bool) -> dict[str, Any]:
     """The federation's state now: run, round, phase, deadline, quorum, every client, every global version."""
-    now = time.time()
-    out: dict[str, Any] = {"federation_id": store.get_meta("federation_id") or "", "now_unix": now, "live": live,
+    now = state.now()
+    out: dict[str, Any] = {"federation_id": state.federation_id() or "", "now_unix": now, "live": live,
                            "clients": [], "rounds": []}
-    run = store.current_run()
-    config = json.loads(run.config_json) if run else {}
-    timeout = config.get("heartbeat_timeout", 60.0)
-    rnd = store.round(run.run_id, run.round) if run else None
-    assigned = store.assignments(run.run_id, run.round) if run else {}
+    run = state.current_run()
+    timeout = run.config.heartbeat_timeout if run else 60.0
+    rnd = state.round(run.run_id, run.round) if run else None
+    assigned = state.assignments(run.run_id, run.round) if run else {}
     if run:
-        out.update(run_id=run.run_id, run_state=run.state, round=run.round, total_rounds=config.get("rounds", 0),
-                   quorum=config.get("quorum", 0), sampled=len(assigned),
-                   accepted=sum(1 for s in assigned.values() if s == "accepted"))
+        out.update(run_id=run.run_id, run_state=run.state.value, round=run.round, total_rounds=run.config.rounds,
+                   quorum=run.config.quorum, sampled=len(assigned),
+                   accepted=sum(1 for s in assigned.values() if s is AssignmentState.ACCEPTED))
         if rnd:
-            out.update(phase="final evaluation" if rnd.phase == "evaluating" else rnd.phase,
+            out.update(phase="final evaluation" if rnd.phase is RoundPhase.EVALUATING else rnd.phase.value,
                        deadline_unix=rnd.deadline or 0.0)
-    uploads = {r["client"]: r for r in store.query("SELECT * FROM uploads WHERE run_id=? AND round=?",
-                                                   (run.run_id, run.round))} if run else {}
-    for row in store.query("SELECT * FROM clients ORDER BY name"):
-        name = row["name"]
-        state, done, total = row["state"], row["bytes_done"], row["bytes_total"]
-        if row["revoked"]:
-            state = "revoked"
-        elif row["last_seen"] is None or now - row["last_seen"] > timeout:
-            state = "offline"
-        elif assigned.get(name) == "late":
-            state = "late"
-        if name in uploads and state == "uploading":
-            done, total = max(done, uploads[name]["received"]), uploads[name]["size"]
+    uploads = {u.client: u for u in state.uploads(run.run_id, run.round)} if run else {}
+    for client in state.clients():
+        name = client.name
+        shown, done, total = client.activity.value, client.bytes_done, client.bytes_total
+        if client.revoked:
+            shown = "revoked"
+        elif client.last_seen is None or now - client.last_seen > timeout:
+            shown = "offline"
+        elif assigned.get(name) is AssignmentState.LATE:
+            shown = "late"
+        if name in uploads and shown == Activity.UPLOADING:
+            done, total = max(done, uploads[name].received), uploads[name].size
         out["clients"].append({
-            "name": name, "state": state, "detail": row["detail"], "bytes_done": done, "bytes_total": total,
-            "last_heartbeat_unix": row["last_seen"] or 0.0, "last_metrics": json.loads(row["last_metrics"]),
+            "name": name, "state": shown, "detail": client.detail, "bytes_done": done, "bytes_total": total,
+            "last_heartbeat_unix": client.last_seen or 0.0, "last_metrics": client.last_metrics,
             "sampled": name in assigned,
         })
     if run:
-        out["rounds"] = _rounds(store, run.run_id)
+        out["rounds"] = _rounds(state, run.run_id)
     return out
 
 
-def _rounds(store: Store, run_id: str) -> list[dict[str, Any]]:
+def _rounds(state: State, run_id: str) -> list[dict[str, Any]]:
     evals: dict[int, list[dict[str, float]]] = {}
-    for row in store.query("SELECT round, metrics_json FROM metrics WHERE run_id=? AND kind='eval'", (run_id,)):
-        evals.setdefault(row["round"], []).append(json.loads(row["metrics_json"]))
-    server = {r["round"]: json.loads(r["metrics_json"]) for r in store.query(
-        "SELECT round, metrics_json FROM metrics WHERE run_id=? AND kind='server'", (run_id,))}
-    counts = {r["round"]: r["n"] for r in store.query(
-        "SELECT round, COUNT(*) AS n FROM updates WHERE run_id=? GROUP BY round", (run_id,))}
+    for report in state.metrics(run_id, MetricsKind.EVAL):
+        evals.setdefault(report.round, []).append(report.metrics)
+    server = {report.round: report.metrics for report in state.metrics(run_id, MetricsKind.SERVER)}
+    counts = state.update_counts(run_id)
     rows = []
-    for g in store.query("SELECT round, digest, created_at FROM globals WHERE run_id=? ORDER BY round", (run_id,)):
-        rnd = store.round(run_id, g["round"])
-        rows.append({"round": g["round"], "phase": "done", "global_digest": g["digest"],
-                     "num_updates": counts.get(g["round"], 0) if g["round"] else 0,
-                     "eval_metrics": weighted_metrics(evals.get(g["round"], [])),
-                     "server_metrics": server.get(g["round"], {}),
-                     "started_unix": rnd.started_at if rnd else g["created_at"], "finished_unix": g["created_at"]})
+    for g in state.globals(run_id):
+        rnd = state.round(run_id, g.round)
+        rows.append({"round": g.round, "phase": "done", "global_digest": g.digest,
+                     "num_updates": counts.get(g.round, 0) if g.round else 0,
+                     "eval_metrics": weighted_metrics(evals.get(g.round, [])),
+                     "server_metrics": server.get(g.round, {}),
+                     "started_unix": rnd.started_at if rnd else g.created_at, "finished_unix": g.created_at})
     return rows

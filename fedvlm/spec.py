@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class SpecError(ValueError):
-    """A config value is missing, of the wrong type or out of range; the message names the key."""
-
+from fedvlm.algorithms import AlgorithmConfig, config_from_table, default_config
+from fedvlm.tables import PARSE, from_table
+from fedvlm.tables import SpecError as SpecError  # the error of every config, imported from here by its users
+from fedvlm.tables import require as _require
 
 STRATEGIES = ("F-C", "F-L", "F-CL", "F-2stage")
 
@@ -59,65 +59,6 @@ class TrainSpec:
         _require(self.max_new_tokens >= 1, "task.train.max_new_tokens", "must be >= 1")
 
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
-
-
-@dataclass(frozen=True)
-class AlgorithmSpec:
-    """The federated optimisation algorithm and its server-side aggregation (docs/algorithms.md).
-
-    Hyper-parameters of algorithms other than ``name`` are ignored. ``aggregator`` replaces the weighted mean of
-    the sites' deltas; ``clip_norm`` > 0 clips every site's delta to that L2 norm first; ``dp_noise_multiplier``
-    > 0 adds central Gaussian noise (needs ``clip_norm`` and the mean aggregator).
-    """
-
-    name: str = "fedavg"
-    aggregator: str = "mean"
-    mu: float = 0.01  # FedProx proximal weight
-    server_lr: float = 1.0  # FedAvgM, SCAFFOLD: global step size
-    server_momentum: float = 0.9  # FedAvgM
-    scaffold_clients: int = 0  # SCAFFOLD N (all sites of the federation); 0 = the sites of each round
-    eta: float = 1e-3  # FedAdagrad / FedYogi / FedAdam server learning rate
-    tau: float = 1e-3  # adaptivity (epsilon) of the adaptive server optimizers
-    beta1: float = 0.9
-    beta2: float = 0.99
-    trim_ratio: float = 0.2  # trimmed_mean: fraction cut at each end per coordinate
-    krum_byzantine: int = 1  # krum: f, the number of faulty sites tolerated
-    krum_select: int = 1  # krum: m, how many best-scored updates are averaged (1 = Krum, >1 = multi-Krum)
-    clip_norm: float = 0.0
-    dp_noise_multiplier: float = 0.0
-    dp_delta: float = 1e-5
-    lora_exact: bool = False  # aggregate LoRA products B·A and re-factorise to rank r (SVD)
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.lora_exact, bool), "task.algorithm.lora_exact", "must be true or false")
-        _require(self.name in ALGORITHMS, "task.algorithm.name", f"must be one of {', '.join(ALGORITHMS)}")
-        _require(self.aggregator in AGGREGATORS, "task.algorithm.aggregator",
-                 f"must be one of {', '.join(AGGREGATORS)}")
-        _require(self.mu >= 0, "task.algorithm.mu", "must be >= 0")
-        _require(self.server_lr > 0, "task.algorithm.server_lr", "must be > 0")
-        _require(0 <= self.server_momentum < 1, "task.algorithm.server_momentum", "must be in [0, 1)")
-        _require(self.scaffold_clients >= 0, "task.algorithm.scaffold_clients", "must be >= 0")
-        _require(self.eta > 0, "task.algorithm.eta", "must be > 0")
-        _require(self.tau > 0, "task.algorithm.tau", "must be > 0")
-        _require(0 <= self.beta1 < 1, "task.algorithm.beta1", "must be in [0, 1)")
-        _require(0 <= self.beta2 < 1, "task.algorithm.beta2", "must be in [0, 1)")
-        _require(0 <= self.trim_ratio < 0.5, "task.algorithm.trim_ratio", "must be in [0, 0.5)")
-        _require(self.krum_byzantine >= 0, "task.algorithm.krum_byzantine", "must be >= 0")
-        _require(self.krum_select >= 1, "task.algorithm.krum_select", "must be >= 1")
-        _require(self.clip_norm >= 0, "task.algorithm.clip_norm", "must be >= 0")
-        _require(self.dp_noise_multiplier >= 0, "task.algorithm.dp_noise_multiplier", "must be >= 0")
-        _require(0 < self.dp_delta < 1, "task.algorithm.dp_delta", "must be in (0, 1)")
-        if self.dp_noise_multiplier > 0:
-            _require(self.clip_norm > 0, "task.algorithm.clip_norm", "must be > 0 when dp_noise_multiplier is set")
-            _require(self.aggregator == "mean", "task.algorithm.aggregator",
-                     "must be mean when dp_noise_multiplier is set")
-        if self.lora_exact:
-            _require(self.name in ("fedavg", "fedprox") and self.aggregator == "mean",
-                     "task.algorithm.lora_exact", "needs name fedavg or fedprox and the mean aggregator")
-
-
 @dataclass(frozen=True)
 class TaskSpec:
     """Model, strategy, task type and training recipe of a run."""
@@ -133,7 +74,8 @@ class TaskSpec:
     seed: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
-    algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
+    # [task.algorithm]: the config class of the algorithm its `name` selects (fedvlm.algorithms, docs/algorithms.md).
+    algorithm: AlgorithmConfig = field(default_factory=default_config, metadata={PARSE: config_from_table})
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and self.model != "", "task.model", "must be a preset or hf:<id>")
@@ -153,8 +95,10 @@ class TaskSpec:
         _require(isinstance(self.seed, int), "task.seed", "must be an integer")
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys): equal specs give equal bytes."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Canonical JSON (sorted keys): equal specs give equal bytes; `from_json` reads it back."""
+        raw = dataclasses.asdict(self)
+        raw["algorithm"] = self.algorithm.to_dict()
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TaskSpec:
@@ -163,44 +107,4 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TaskSpec:
         """Build and validate from a TOML/JSON table; unknown keys are errors, not silently ignored."""
-        raw = dict(raw)
-        lora = _sub(LoraSpec, raw.pop("lora", {}), "task.lora")
-        train = _sub(TrainSpec, raw.pop("train", {}), "task.train")
-        algorithm = _sub(AlgorithmSpec, raw.pop("algorithm", {}), "task.algorithm")
-        top = _sub(cls, raw, "task", lora=lora, train=train, algorithm=algorithm)
-        return top
-
-
-def _sub(kind: type, raw: Any, where: str, **fixed: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: expected a table, got {type(raw).__name__}")
-    known = {f.name: f for f in dataclasses.fields(kind)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known or key in fixed:
-            raise SpecError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-        default = known[key].default
-        if isinstance(default, tuple):
-            if isinstance(value, str):
-                value = (value,)
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise SpecError(f"{where}.{key}: expected a list of strings")
-            value = tuple(value)
-        elif isinstance(default, bool) or default is dataclasses.MISSING:
-            pass
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif default is not None and not isinstance(value, type(default)):
-            raise SpecError(f"{where}.{key}: expected {type(default).__name__}, got {type(value).__name__}")
-        values[key] = value
-    try:
-        return kind(**values, **fixed)
-    except SpecError:
-        raise
-    except TypeError as exc:  # pragma: no cover - guarded by the key check above
-        raise SpecError(f"{where}: {exc}") from exc
-
-
-def _require(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise SpecError(f"{key}: {why}")
+        return from_table(cls, raw, "task")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +19,6 @@ from fedvlm import adapters
 from fedvlm.client.identity import Identity, StateDir
 from fedvlm.coordinator.cli import app as coord_app
 from fedvlm.coordinator.layout import FederationDir
-from fedvlm.coordinator.store import Store
 from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest
 from fedvlm.wire.v1 import federation_pb2 as pb
@@ -88,15 +88,15 @@ class Coordinator:
         return coord_cli("enroll", name, "--dir", str(self.fed.root), "--ttl", ttl,
                          "--enroll-port", port).strip().splitlines()[-1]
 
-    def store(self) -> Store:
-        return Store(self.fed.database, readonly=True)
-
     def query(self, sql: str, args: tuple = ()) -> list:
-        store = self.store()
+        """Rows of a read-only query on the daemon's state.db (tests look at the stored rows themselves)."""
+        db = sqlite3.connect(f"file:{self.fed.database}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in store.query(sql, args)]
+            db.execute("PRAGMA busy_timeout=10000")
+            return [dict(r) for r in db.execute(sql, args).fetchall()]
         finally:
-            store.close()
+            db.close()
 
     def count(self, table: str) -> int:
         return self.query(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]

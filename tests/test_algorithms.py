@@ -8,10 +8,13 @@ import math
 import pytest
 import torch
 
-from fedvlm.algorithms import aggregation
-from fedvlm.algorithms.base import REGISTRY, ClientUpdate, build, split_aux, with_aux
+from fedvlm.algorithms import aggregation, build
+from fedvlm.algorithms import algorithm_config as AlgorithmSpec
+from fedvlm.algorithms.base import ClientUpdate, split_aux, with_aux
 from fedvlm.algorithms.lora_exact import refactorise
-from fedvlm.spec import ALGORITHMS, AlgorithmSpec, SpecError, TaskSpec
+from fedvlm.algorithms.registry import REGISTRY
+from fedvlm.algorithms.registry import REGISTRY as ALGORITHMS
+from fedvlm.spec import SpecError, TaskSpec
 
 
 def updates_of(*pairs):

@@ -21,6 +21,9 @@ from fedvlm.vlm.presets import preset_dir
 
 from .harness import Coordinator, coord_cli, start_sites, wait_sites_ok
 
+# Real processes (a coordinator daemon, sites): the slow half of `make test`.
+pytestmark = pytest.mark.slow
+
 CONFIG = """
 name = "algo-vlm"
 [run]

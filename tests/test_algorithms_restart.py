@@ -13,11 +13,15 @@ import pytest
 import torch
 
 from fedvlm import adapters
-from fedvlm.algorithms.base import ClientUpdate, build, split_aux, with_aux
+from fedvlm.algorithms import build
+from fedvlm.algorithms.base import ClientUpdate, split_aux, with_aux
 from fedvlm.spec import TaskSpec
 from fedvlm.wire.v1 import federation_pb2 as pb
 
 from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes, wait_for
+
+# Real processes (a coordinator daemon, sites): the slow half of `make test`.
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 name = "algo-fed"

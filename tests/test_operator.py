@@ -70,6 +70,7 @@ def test_generated_stubs_match_the_proto_files():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_health_and_reflection_on_both_ports(ops):
     coord, _, _ = ops
     with admin_channel(coord) as channel:
@@ -87,6 +88,7 @@ def test_health_and_reflection_on_both_ports(ops):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.slow
 def test_remote_status_needs_the_admin_certificate(ops):
     coord, site, _ = ops
     out = coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root), "--json")
@@ -98,6 +100,7 @@ def test_remote_status_needs_the_admin_certificate(ops):
         grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.slow
 def test_prometheus_metrics_show_the_run_and_the_sites(ops):
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as reply:
         text = reply.read().decode()
@@ -105,6 +108,7 @@ def test_prometheus_metrics_show_the_run_and_the_sites(ops):
     assert 'fedvlm_client_state{client="alpha",state="idle"} 1.0' in text
 
 
+@pytest.mark.slow
 def test_revoked_site_is_refused_at_its_next_call(ops):
     coord, _, root = ops
     site = RawSite(coord, "beta", root)
@@ -116,6 +120,7 @@ def test_revoked_site_is_refused_at_its_next_call(ops):
     site.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (["enroll", "Bad Name!"], "invalid site name"),
     (["enroll", "admin"], "reserved"),
@@ -132,6 +137,7 @@ def test_bad_operator_input_gets_a_one_line_error(ops, tmp_path, args, message):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_init_refuses_to_overwrite_a_federation(ops):
     coord, _, _ = ops
     result = CliRunner().invoke(coord_app, ["init", "--dir", str(coord.fed.root)])

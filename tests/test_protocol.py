@@ -21,6 +21,9 @@ from fedvlm.wire.v1 import federation_pb2_grpc
 
 from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes, wait_for
 
+# Real processes (a coordinator daemon, sites): the slow half of `make test`.
+pytestmark = pytest.mark.slow
+
 CONFIG = """
 name = "test-fed"
 [run]

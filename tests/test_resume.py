@@ -6,10 +6,15 @@ import re
 import signal
 import subprocess
 
+import pytest
+
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
 from .harness import Coordinator, start_site, wait_for
+
+# Real processes (a coordinator daemon, sites): the slow half of `make test`.
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 name = "resume-fed"

@@ -14,6 +14,9 @@ from fedvlm import adapters
 
 from .harness import Coordinator, coord_cli, start_sites, wait_for
 
+# Real processes (a coordinator daemon, sites): the slow half of `make test`.
+pytestmark = pytest.mark.slow
+
 CONFIG = """
 name = "it-2stage"
 [run]

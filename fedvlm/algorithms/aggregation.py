@@ -22,51 +22,50 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedvlm.spec import AlgorithmSpec
-
 from .base import ClientUpdate, Tensors
+from .config import AlgorithmConfig
 
 DP_SEED = "dp.seed"
 DP_ROUNDS = "dp.rounds"
 
 
-def initial_dp_state(spec: AlgorithmSpec) -> Tensors:
+def initial_dp_state(config: AlgorithmConfig) -> Tensors:
     """A secret noise seed (never leaves the coordinator) when DP is on; nothing otherwise."""
-    if spec.dp_noise_multiplier <= 0:
+    if config.dp_noise_multiplier <= 0:
         return {}
     return {DP_SEED: torch.tensor(secrets.randbits(62), dtype=torch.int64),
             DP_ROUNDS: torch.tensor(0, dtype=torch.int64)}
 
 
-def combine(spec: AlgorithmSpec, base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], state: Tensors,
+def combine(config: AlgorithmConfig, base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], state: Tensors,
             round_index: int) -> tuple[Tensors, Tensors, dict[str, float]]:
     """(aggregated delta in float64, unweighted mean of the aux tensors, metrics); may update `state` (DP)."""
     if not updates:
         raise ValueError("aggregation needs at least one update")
-    if spec.lora_exact:
+    if config.lora_exact:
         from .lora_exact import exact_lora_mean
 
         merged, aux_mean = exact_lora_mean(updates, {n: t.shape[0] for n, t in base.items()})
         return {n: v - base[n].double() for n, v in merged.items()}, aux_mean, {}
-    if spec.aggregator == "mean":
-        return _streaming_mean(spec, base, updates, state, round_index)
+    if config.aggregator == "mean":
+        return _streaming_mean(config, base, updates, state, round_index)
     deltas, aux_sum, names = [], {}, None
     clipped = 0
     for index, update in enumerate(updates):
         tensors, aux = update.load()
         names = _check_names(index, names, tensors)
-        delta, was_clipped = _clipped_delta(spec, base, tensors)
+        delta, was_clipped = _clipped_delta(config, base, tensors)
         clipped += was_clipped
         deltas.append(delta)
         _accumulate(aux_sum, aux, 1.0)
-    robust = {"median": median, "trimmed_mean": lambda d: trimmed_mean(d, spec.trim_ratio),
-              "krum": lambda d: krum(d, spec.krum_byzantine, spec.krum_select)}[spec.aggregator]
+    robust = {"median": median, "trimmed_mean": lambda d: trimmed_mean(d, config.trim_ratio),
+              "krum": lambda d: krum(d, config.krum_byzantine, config.krum_select)}[config.aggregator]
     aux_mean = {n: v / len(updates) for n, v in aux_sum.items()}
-    return robust(deltas), aux_mean, {"clipped_updates": float(clipped)} if spec.clip_norm > 0 else {}
+    return robust(deltas), aux_mean, {"clipped_updates": float(clipped)} if config.clip_norm > 0 else {}
 
 
-def _streaming_mean(spec, base, updates, state, round_index):
-    dp = spec.dp_noise_multiplier > 0
+def _streaming_mean(config, base, updates, state, round_index):
+    dp = config.dp_noise_multiplier > 0
     acc: Tensors = {}
     aux_sum: Tensors = {}
     total = 0.0
@@ -77,7 +76,7 @@ def _streaming_mean(spec, base, updates, state, round_index):
             raise ValueError(f"update {index}: weight must be positive, got {update.weight}")
         tensors, aux = update.load()
         names = _check_names(index, names, tensors)
-        scale = _clip_scale(spec, base, tensors)
+        scale = _clip_scale(config, base, tensors)
         clipped += scale < 1.0
         weight = 1.0 if dp else float(update.weight)  # DP bounds each site's influence: equal weights
         for name in sorted(tensors):  # one float64 delta at a time; each tensor is released once added
@@ -87,16 +86,16 @@ def _streaming_mean(spec, base, updates, state, round_index):
         total += weight
     mean = {n: v.div_(total) for n, v in acc.items()}  # in place: no second float64 copy of the model
     aux_mean = {n: v / len(updates) for n, v in aux_sum.items()}
-    metrics: dict[str, float] = {"clipped_updates": float(clipped)} if spec.clip_norm > 0 else {}
+    metrics: dict[str, float] = {"clipped_updates": float(clipped)} if config.clip_norm > 0 else {}
     if dp:
-        std = spec.dp_noise_multiplier * spec.clip_norm / len(updates)
+        std = config.dp_noise_multiplier * config.clip_norm / len(updates)
         generator = torch.Generator().manual_seed(_noise_seed(state, round_index))
         for name in sorted(mean):
             mean[name] = mean[name] + torch.randn(mean[name].shape, generator=generator, dtype=torch.float64) * std
         rounds = int(state.get(DP_ROUNDS, torch.tensor(0))) + 1
         state[DP_ROUNDS] = torch.tensor(rounds, dtype=torch.int64)
-        metrics.update(dp_epsilon=dp_epsilon(spec.dp_noise_multiplier, rounds, spec.dp_delta),
-                       dp_delta=spec.dp_delta, dp_rounds=float(rounds))
+        metrics.update(dp_epsilon=dp_epsilon(config.dp_noise_multiplier, rounds, config.dp_delta),
+                       dp_delta=config.dp_delta, dp_rounds=float(rounds))
     return mean, aux_mean, metrics
 
 
@@ -126,18 +125,19 @@ def _check_names(index: int, names: set[str] | None, tensors: Mapping[str, torch
     return current
 
 
-def _clip_scale(spec: AlgorithmSpec, base: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> float:
+def _clip_scale(config: AlgorithmConfig, base: Mapping[str, torch.Tensor],
+                tensors: Mapping[str, torch.Tensor]) -> float:
     """The factor that brings this site's whole delta to L2 norm <= clip_norm (1.0 when clipping is off)."""
-    if spec.clip_norm <= 0:
+    if config.clip_norm <= 0:
         return 1.0
     norm = math.sqrt(sum(float((t.double() - base[n].double()).square().sum()) for n, t in tensors.items()))
-    return min(1.0, spec.clip_norm / norm) if norm > 0 else 1.0
+    return min(1.0, config.clip_norm / norm) if norm > 0 else 1.0
 
 
-def _clipped_delta(spec: AlgorithmSpec, base: Mapping[str, torch.Tensor],
+def _clipped_delta(config: AlgorithmConfig, base: Mapping[str, torch.Tensor],
                    tensors: Mapping[str, torch.Tensor]) -> tuple[Tensors, bool]:
     """This site's delta in float64, clipped; and whether clipping changed it."""
-    scale = _clip_scale(spec, base, tensors)
+    scale = _clip_scale(config, base, tensors)
     return {n: (t.double() - base[n].double()) * scale for n, t in tensors.items()}, scale < 1.0
 
 

@@ -1,4 +1,5 @@
-"""The interface every federated optimisation algorithm implements, and the registry from a name to it.
+"""The interface every federated optimisation algorithm implements (an algorithm module subclasses `Algorithm`
+and registers it with its config, registry.py).
 
 A round on the server is one pipeline, the same for every algorithm:
 
@@ -19,11 +20,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from fedvlm.spec import AlgorithmSpec
+from .config import AlgorithmConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -88,20 +88,18 @@ class ClientHook:
 
 
 class Algorithm:
-    """Base of every algorithm: FedAvg's server step (x + d) and a no-op client hook."""
+    """Base of every algorithm: FedAvg's server step (x + d) and a no-op client hook, configured by `config` (the
+    algorithm's own `AlgorithmConfig` subclass)."""
 
-    name: ClassVar[str] = ""
-    streaming: ClassVar[bool] = True  # memory O(model) with the mean aggregator
-
-    def __init__(self, spec: AlgorithmSpec) -> None:
-        self.spec = spec
+    def __init__(self, config: AlgorithmConfig) -> None:
+        self.config = config
 
     # -- server ------------------------------------------------------------------------------------------------
     def initial_state(self, base: Mapping[str, torch.Tensor]) -> Tensors:
         """Server state before round 1 (algorithms that need moments create them lazily)."""
         from .aggregation import initial_dp_state
 
-        return initial_dp_state(self.spec)
+        return initial_dp_state(self.config)
 
     def aggregate(self, base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                   state: Mapping[str, torch.Tensor], round_index: int) -> ServerResult:
@@ -113,7 +111,7 @@ class Algorithm:
         from .aggregation import combine
 
         new_state = dict(state)
-        delta, aux_mean, metrics = combine(self.spec, base, updates, new_state, round_index)
+        delta, aux_mean, metrics = combine(self.config, base, updates, new_state, round_index)
         tensors = self.server_update(base, delta, new_state)
         aux = self.server_aux(aux_mean, len(updates), new_state)
         return ServerResult(tensors=tensors, aux=aux, state=new_state, metrics=metrics)
@@ -156,17 +154,3 @@ def sample_clients(run_id: str, round_index: int, attempt: int, candidates: Sequ
     rng = random.Random(f"{run_id}:{round_index}:{attempt}")
     return sorted(rng.sample(list(candidates), need))
 
-
-REGISTRY: dict[str, type[Algorithm]] = {}
-
-
-def register(cls: type[Algorithm]) -> type[Algorithm]:
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def build(spec: AlgorithmSpec) -> Algorithm:
-    """The algorithm `spec.name` configured by `spec` (KeyError never: the spec validated the name)."""
-    from . import fedadagrad, fedadam, fedavg, fedavgm, fedprox, fedyogi, scaffold  # noqa: F401 - registration
-
-    return REGISTRY[spec.name](spec)

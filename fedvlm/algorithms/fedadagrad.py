@@ -5,13 +5,21 @@ The rest of the step is shared with FedYogi and FedAdam (fedopt.py).
 
 from __future__ import annotations
 
-from .base import register
-from .fedopt import FedOpt
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .fedopt import FedOpt, FedOptConfig
+from .registry import register
 
 
-@register
+@dataclass(frozen=True)
+class FedAdagradConfig(FedOptConfig):
+    name: ClassVar[str] = "fedadagrad"
+
+
 class FedAdagrad(FedOpt):
-    name = "fedadagrad"
-
     def second_moment(self, v, d):
         return v + d.square()
+
+
+register(FedAdagradConfig, FedAdagrad)

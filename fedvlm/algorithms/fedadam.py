@@ -5,13 +5,21 @@ The rest of the step is shared with FedAdagrad and FedYogi (fedopt.py).
 
 from __future__ import annotations
 
-from .base import register
-from .fedopt import FedOpt
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .fedopt import FedOpt, FedOptConfig
+from .registry import register
 
 
-@register
+@dataclass(frozen=True)
+class FedAdamConfig(FedOptConfig):
+    name: ClassVar[str] = "fedadam"
+
+
 class FedAdam(FedOpt):
-    name = "fedadam"
-
     def second_moment(self, v, d):
         return self.config.beta2 * v + (1 - self.config.beta2) * d.square()
+
+
+register(FedAdamConfig, FedAdam)

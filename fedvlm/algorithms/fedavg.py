@@ -8,10 +8,14 @@ the model, whatever the number of sites.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import Algorithm, register
+from .base import Algorithm
+from .config import AlgorithmConfig
+from .registry import register
 
 TensorStream = Iterator[tuple[str, torch.Tensor]]
 
@@ -49,8 +53,16 @@ def fedavg(updates: Iterable[tuple[int, TensorStream]]) -> dict[str, torch.Tenso
     return {name: (acc / total).to(dtypes[name]) for name, acc in sums.items()}
 
 
-@register
+@dataclass(frozen=True)
+class FedAvgConfig(AlgorithmConfig):
+    """FedAvg has no keys of its own (the shared ones of AlgorithmConfig apply)."""
+
+    name: ClassVar[str] = "fedavg"
+    supports_lora_exact: ClassVar[bool] = True
+
+
 class FedAvg(Algorithm):
     """FedAvg: x' = x + mean_k(d_k) = sum_k n_k y_k / sum_k n_k. No state, no client hook, nothing extra sent."""
 
-    name = "fedavg"
+
+register(FedAvgConfig, FedAvg)

@@ -9,36 +9,40 @@ with d_t the aggregated delta. Defaults beta = 0.9, server_lr = 1.0. State: the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from fedvlm.spec import AlgorithmSpec
+from fedvlm.tables import require
 
-from .base import Algorithm, register
+from .base import Algorithm
+from .config import AlgorithmConfig
+from .registry import register
 
 
 @dataclass(frozen=True)
-class FedAvgMConfig:
-    server_lr: float = 1.0
-    momentum: float = 0.9
+class FedAvgMConfig(AlgorithmConfig):
+    name: ClassVar[str] = "fedavgm"
 
-    @classmethod
-    def from_spec(cls, spec: AlgorithmSpec) -> FedAvgMConfig:
-        return cls(server_lr=spec.server_lr, momentum=spec.server_momentum)
+    server_lr: float = 1.0  # global step size
+    server_momentum: float = 0.9  # beta
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.server_lr > 0, "task.algorithm.server_lr", "must be > 0")
+        require(0 <= self.server_momentum < 1, "task.algorithm.server_momentum", "must be in [0, 1)")
 
 
-@register
 class FedAvgM(Algorithm):
-    name = "fedavgm"
-
-    def __init__(self, spec: AlgorithmSpec) -> None:
-        super().__init__(spec)
-        self.config = FedAvgMConfig.from_spec(spec)
+    config: FedAvgMConfig
 
     def server_update(self, base, delta, state):
         out = {}
         for name, d in delta.items():
-            v = state.get(f"v/{name}", torch.zeros_like(d)).double() * self.config.momentum + d
+            v = state.get(f"v/{name}", torch.zeros_like(d)).double() * self.config.server_momentum + d
             state[f"v/{name}"] = v
             out[name] = (base[name].double() + self.config.server_lr * v).to(base[name].dtype)
         return out
+
+
+register(FedAvgMConfig, FedAvgM)

@@ -16,29 +16,33 @@ from dataclasses import dataclass
 
 import torch
 
-from fedvlm.spec import AlgorithmSpec
+from fedvlm.tables import require
 
 from .base import Algorithm
+from .config import AlgorithmConfig
 
 
 @dataclass(frozen=True)
-class FedOptConfig:
-    eta: float = 1e-3
-    tau: float = 1e-3
+class FedOptConfig(AlgorithmConfig):
+    """The keys of FedAdagrad / FedYogi / FedAdam (each subclasses this with its name)."""
+
+    eta: float = 1e-3  # server learning rate
+    tau: float = 1e-3  # adaptivity (epsilon)
     beta1: float = 0.9
     beta2: float = 0.99
 
-    @classmethod
-    def from_spec(cls, spec: AlgorithmSpec) -> FedOptConfig:
-        return cls(eta=spec.eta, tau=spec.tau, beta1=spec.beta1, beta2=spec.beta2)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.eta > 0, "task.algorithm.eta", "must be > 0")
+        require(self.tau > 0, "task.algorithm.tau", "must be > 0")
+        require(0 <= self.beta1 < 1, "task.algorithm.beta1", "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "task.algorithm.beta2", "must be in [0, 1)")
 
 
 class FedOpt(Algorithm):
     """Base of FedAdagrad / FedYogi / FedAdam."""
 
-    def __init__(self, spec: AlgorithmSpec) -> None:
-        super().__init__(spec)
-        self.config = FedOptConfig.from_spec(spec)
+    config: FedOptConfig
 
     def second_moment(self, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

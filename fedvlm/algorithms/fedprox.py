@@ -9,21 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from fedvlm.spec import AlgorithmSpec
+from fedvlm.tables import require
 
-from .base import Algorithm, ClientHook, register
+from .base import Algorithm, ClientHook
+from .config import AlgorithmConfig
+from .registry import register
 
 
 @dataclass(frozen=True)
-class FedProxConfig:
-    mu: float = 0.01
+class FedProxConfig(AlgorithmConfig):
+    name: ClassVar[str] = "fedprox"
+    supports_lora_exact: ClassVar[bool] = True
 
-    @classmethod
-    def from_spec(cls, spec: AlgorithmSpec) -> FedProxConfig:
-        return cls(mu=spec.mu)
+    mu: float = 0.01  # proximal weight: each site's loss gains (mu / 2) ||w - w_global||^2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.mu >= 0, "task.algorithm.mu", "must be >= 0")
 
 
 class ProximalHook(ClientHook):
@@ -41,13 +47,11 @@ class ProximalHook(ClientHook):
         return 0.5 * self.mu * total
 
 
-@register
 class FedProx(Algorithm):
-    name = "fedprox"
-
-    def __init__(self, spec: AlgorithmSpec) -> None:
-        super().__init__(spec)
-        self.config = FedProxConfig.from_spec(spec)
+    config: FedProxConfig
 
     def client_hook(self, params, global_aux, client_state) -> ClientHook:
         return ProximalHook(params, self.config.mu)
+
+
+register(FedProxConfig, FedProx)

@@ -6,13 +6,21 @@ The rest of the step is shared with FedAdagrad and FedAdam (fedopt.py).
 
 from __future__ import annotations
 
-from .base import register
-from .fedopt import FedOpt
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .fedopt import FedOpt, FedOptConfig
+from .registry import register
 
 
-@register
+@dataclass(frozen=True)
+class FedYogiConfig(FedOptConfig):
+    name: ClassVar[str] = "fedyogi"
+
+
 class FedYogi(FedOpt):
-    name = "fedyogi"
-
     def second_moment(self, v, d):
         return v - (1 - self.config.beta2) * d.square() * (v - d.square()).sign()
+
+
+register(FedYogiConfig, FedYogi)

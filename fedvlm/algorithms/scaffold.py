@@ -27,25 +27,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from fedvlm.spec import AlgorithmSpec
+from fedvlm.tables import require
 
-from .base import Algorithm, ClientHook, Tensors, register
+from .base import Algorithm, ClientHook, Tensors
+from .config import AlgorithmConfig
+from .registry import register
 
 DC = "scaffold.dc/"
 C = "scaffold.c/"
 
 
 @dataclass(frozen=True)
-class ScaffoldConfig:
-    server_lr: float = 1.0
-    num_clients: int = 0  # N; 0 = the number of sites in each round
+class ScaffoldConfig(AlgorithmConfig):
+    name: ClassVar[str] = "scaffold"
 
-    @classmethod
-    def from_spec(cls, spec: AlgorithmSpec) -> ScaffoldConfig:
-        return cls(server_lr=spec.server_lr, num_clients=spec.scaffold_clients)
+    server_lr: float = 1.0  # global step size
+    scaffold_clients: int = 0  # N, all sites of the federation; 0 = the sites of each round (full participation)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.server_lr > 0, "task.algorithm.server_lr", "must be > 0")
+        require(self.scaffold_clients >= 0, "task.algorithm.scaffold_clients", "must be >= 0")
 
 
 class ScaffoldHook(ClientHook):
@@ -75,19 +81,14 @@ class ScaffoldHook(ClientHook):
         return aux, state
 
 
-@register
 class Scaffold(Algorithm):
-    name = "scaffold"
-
-    def __init__(self, spec: AlgorithmSpec) -> None:
-        super().__init__(spec)
-        self.config = ScaffoldConfig.from_spec(spec)
+    config: ScaffoldConfig
 
     def server_update(self, base, delta, state):
         return {n: (base[n].double() + self.config.server_lr * d).to(base[n].dtype) for n, d in delta.items()}
 
     def server_aux(self, aux_mean, num_updates, state):
-        n = self.config.num_clients or num_updates
+        n = self.config.scaffold_clients or num_updates
         for key, dc in aux_mean.items():
             name = key[len(DC):]
             c = state.get(f"c/{name}", torch.zeros_like(dc)).double()
@@ -100,3 +101,6 @@ class Scaffold(Algorithm):
     def client_hook(self, params, global_aux, client_state) -> ClientHook:
         c = {k[len(C):]: v for k, v in global_aux.items() if k.startswith(C)}
         return ScaffoldHook(params, c, client_state)
+
+
+register(ScaffoldConfig, Scaffold)

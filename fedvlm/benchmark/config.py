@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fedvlm.spec import SpecError, TaskSpec
+from fedvlm.tables import from_table
+from fedvlm.tables import require as _require
 
 BASELINES = ("federated", "centralized", "local")
 PARTITIONS = ("iid", "dirichlet", "quantity", "task", "sites")
@@ -116,13 +118,8 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> BenchConfig:
-        raw = dict(raw)
-        unknown = sorted(set(raw) - {"task", "experiment"})
-        if unknown:
-            raise SpecError(f"{unknown[0]}: unknown key (known: experiment, task)")
-        task = TaskSpec.from_dict(_table(raw.get("task", {}), "task"))
-        experiment = _experiment(_table(raw.get("experiment", {}), "experiment"))
-        return cls(task=task, experiment=experiment)
+        """Parse and validate an experiment table; raises SpecError naming the key."""
+        return from_table(cls, raw, "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": json.loads(self.task.to_json()), "experiment": dataclasses.asdict(self.experiment)}
@@ -238,33 +235,8 @@ def _slug(values: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
 
 
-def _experiment(raw: dict[str, Any]) -> ExperimentSpec:
-    known = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise SpecError(f"experiment.{key}: unknown key (known: {', '.join(sorted(known))})")
-        default = known[key].default
-        if key == "seeds":
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = [value]
-            if not isinstance(value, list):
-                raise SpecError("experiment.seeds: expected a list of integers")
-            value = tuple(value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(default, bool) or not isinstance(value, type(default)) or isinstance(value, bool):
-            raise SpecError(f"experiment.{key}: expected {type(default).__name__}, got {type(value).__name__}")
-        values[key] = value
-    return ExperimentSpec(**values)
-
-
 def _table(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SpecError(f"{where}: expected a table, got {type(value).__name__}")
     return value
 
-
-def _require(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise SpecError(f"{key}: {why}")

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from fedvlm import adapters
-from fedvlm.algorithms.base import ClientUpdate, Tensors, build, next_global, sample_clients, split_aux, with_aux
+from fedvlm.algorithms import build
+from fedvlm.algorithms.base import ClientUpdate, Tensors, next_global, sample_clients, split_aux, with_aux
 from fedvlm.benchmark.config import BenchConfig
 from fedvlm.benchmark.data import SiteData
 

@@ -1,0 +1,539 @@
+"""The coordinator's state: one SQLite database (WAL) and every SQL statement the coordinator runs.
+
+Each public method is one named read or one transition, and each transition is one transaction, so a coordinator
+killed at any instant restarts into a consistent state. Blob bytes live in the BlobStore; rows refer to them by
+digest and are written only after the blob is durable. Transitions that an operator or an auditor must be able
+to retrace (enrollment, revocation, runs, globals) append to the hash-chained audit log in the same transaction.
+
+`State.in_memory()` is the same code on SQLite's `:memory:`: the round driver and intake run against it in unit
+tests, without daemons or files.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fedvlm.security.signing import GlobalRecord, UpdateManifest
+from fedvlm.spec import TaskSpec
+from fedvlm.tables import from_table
+
+from ..config import RunConfig
+from .records import (
+    GENESIS,
+    Activity,
+    AssignmentState,
+    AuditEntry,
+    Client,
+    GlobalVersion,
+    MetricsKind,
+    MetricsReport,
+    Next,
+    Round,
+    RoundPhase,
+    Run,
+    RunState,
+    ServerStateRef,
+    Token,
+    Update,
+    Upload,
+    audit_hash,
+)
+
+# The schema's version, kept in SQLite's `PRAGMA user_version`. 0 is a database from before versions were
+# recorded (the same tables as version 1). A change of the tables means a new number and an upgrade step here.
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    name TEXT PRIMARY KEY, cert_fingerprint TEXT NOT NULL, enrolled_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'idle', detail TEXT NOT NULL DEFAULT '',
+    bytes_done INTEGER NOT NULL DEFAULT 0, bytes_total INTEGER NOT NULL DEFAULT 0, last_seen REAL,
+    last_metrics TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY, name TEXT NOT NULL, proof_key BLOB NOT NULL, expires_at REAL NOT NULL,
+    created_at REAL NOT NULL, used_at REAL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, task_json TEXT NOT NULL, state TEXT NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, finished_at REAL, init_client TEXT,
+    schema_json TEXT, adapter_config TEXT, server_state TEXT);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, phase TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 1,
+    base_digest TEXT NOT NULL, deadline REAL, started_at REAL NOT NULL, finished_at REAL, global_digest TEXT,
+    PRIMARY KEY (run_id, round));
+CREATE TABLE IF NOT EXISTS assignments (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, client TEXT NOT NULL, state TEXT NOT NULL,
+    PRIMARY KEY (run_id, round, client));
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, round INTEGER NOT NULL, client TEXT NOT NULL,
+    nonce TEXT NOT NULL UNIQUE, manifest_json TEXT NOT NULL, signature BLOB NOT NULL, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, received INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, client TEXT NOT NULL, digest TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, manifest_json TEXT NOT NULL, signature BLOB NOT NULL, accepted_at REAL NOT NULL,
+    PRIMARY KEY (run_id, round, client));
+CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, client TEXT NOT NULL, used_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS globals (
+    digest TEXT NOT NULL, run_id TEXT NOT NULL, round INTEGER NOT NULL, size INTEGER NOT NULL,
+    record_json TEXT NOT NULL, signature BLOB NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run_id, round));
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, client TEXT NOT NULL, kind TEXT NOT NULL,
+    global_digest TEXT NOT NULL, metrics_json TEXT NOT NULL, reported_at REAL NOT NULL,
+    PRIMARY KEY (run_id, round, client, kind));
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY, entry_json TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+"""
+
+COORDINATOR = "@coordinator"  # the `client` of metrics rows written by the server step (e.g. DP epsilon)
+
+
+class StateError(Exception):
+    """state.db cannot be used by this version of fedvlm; the message says why, in one line."""
+
+
+def _canonical(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"))
+
+
+class State:
+    """Thread-safe access to state.db (one connection guarded by a lock; WAL, synchronous=FULL).
+
+    `clock` is the time every row is stamped with and every deadline and heartbeat is judged by (tests pass a
+    fake one). A database whose schema version is newer than `SCHEMA_VERSION` is refused with `StateError`.
+    """
+
+    def __init__(self, path: Path | str, readonly: bool = False, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.now = clock
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        try:
+            self._open(readonly)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StateError(f"{path} is not a readable fedvlm state database ({exc})") from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def in_memory(cls, clock: Callable[[], float] = time.time) -> State:
+        """A fresh, empty state that lives in this process only."""
+        return cls(":memory:", clock=clock)
+
+    def _open(self, readonly: bool) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.path}: state schema version {version} is newer than this fedvlm's "
+                             f"({SCHEMA_VERSION}); use the fedvlm version that wrote it")
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        self._db.execute("PRAGMA busy_timeout=10000")
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database (0: written before versions were recorded)."""
+        return self._one("PRAGMA user_version")[0]
+
+    def close(self) -> None:
+        """Close the connection; the state is unusable afterwards."""
+        with self._lock:
+            self._db.close()
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction; rolled back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+        rows = self._all(sql, args)
+        return rows[0] if rows else None
+
+    def _audit(self, db: sqlite3.Connection, entry: dict[str, Any]) -> str:
+        """Append to the hash chain inside the caller's transaction; returns the new link."""
+        row = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        prev = row["hash"] if row else GENESIS
+        text = _canonical({"at": round(self.now(), 3), **entry})
+        link = audit_hash(prev, text)
+        db.execute("INSERT INTO audit(entry_json, prev_hash, hash) VALUES (?, ?, ?)", (text, prev, link))
+        return link
+
+    # -- the federation --------------------------------------------------------------------------------------------
+    def init_federation(self, federation_id: str, ca_fingerprint: str) -> None:
+        """Record a new federation's id and open its audit chain with the CA's fingerprint."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES ('federation_id', ?)", (federation_id,))
+            self._audit(db, {"kind": "init", "federation_id": federation_id, "ca": ca_fingerprint})
+
+    def federation_id(self) -> str | None:
+        """The id `init_federation` recorded (None in a database that has none)."""
+        row = self._one("SELECT value FROM meta WHERE key='federation_id'")
+        return row["value"] if row else None
+
+    # -- enrollment and sites ------------------------------------------------------------------------------------
+    def issue_token(self, token_id: str, name: str, proof_key: bytes, expires_at: float) -> None:
+        """Store a new join token for site `name` (only its proof key, never the secret)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO tokens(token_id, name, proof_key, expires_at, created_at) VALUES (?,?,?,?,?)",
+                       (token_id, name, proof_key, expires_at, self.now()))
+            self._audit(db, {"kind": "token", "name": name, "token_id": token_id, "expires_at": expires_at})
+
+    def token(self, token_id: str) -> Token | None:
+        """The join token with this id, used or not."""
+        row = self._one("SELECT * FROM tokens WHERE token_id=?", (token_id,))
+        return Token(row["token_id"], row["name"], row["proof_key"], row["expires_at"], row["created_at"],
+                     row["used_at"]) if row else None
+
+    def enroll_client(self, token_id: str, name: str, cert_fingerprint: str) -> bool:
+        """Mark the token used and record `cert_fingerprint` as the only certificate site `name` may use (a
+        re-enrolled site's old certificate stops working). False, and nothing changed, if the token was used."""
+        now = self.now()
+        with self._tx() as db:
+            claimed = db.execute("UPDATE tokens SET used_at=? WHERE token_id=? AND used_at IS NULL",
+                                 (now, token_id)).rowcount
+            if claimed != 1:
+                return False
+            db.execute("INSERT INTO clients(name, cert_fingerprint, enrolled_at) VALUES (?,?,?) "
+                       "ON CONFLICT(name) DO UPDATE SET cert_fingerprint=excluded.cert_fingerprint, "
+                       "enrolled_at=excluded.enrolled_at", (name, cert_fingerprint, now))
+            self._audit(db, {"kind": "enroll", "name": name, "cert": cert_fingerprint})
+        return True
+
+    def revoke_client(self, name: str) -> bool:
+        """Refuse site `name` from now on; False if no such site is enrolled."""
+        with self._tx() as db:
+            changed = db.execute("UPDATE clients SET revoked=1 WHERE name=?", (name,)).rowcount
+            if changed:
+                self._audit(db, {"kind": "revoke", "name": name})
+        return bool(changed)
+
+    def client(self, name: str) -> Client | None:
+        """The enrolled site `name`, revoked or not."""
+        row = self._one("SELECT * FROM clients WHERE name=?", (name,))
+        return _client(row) if row else None
+
+    def clients(self) -> list[Client]:
+        """Every enrolled site, by name."""
+        return [_client(row) for row in self._all("SELECT * FROM clients ORDER BY name")]
+
+    def record_heartbeat(self, name: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int) -> None:
+        """A site polled: what it is doing, and now as its last-seen time."""
+        with self._tx() as db:
+            db.execute("UPDATE clients SET state=?, detail=?, bytes_done=?, bytes_total=?, last_seen=? WHERE name=?",
+                       (activity.value, detail, bytes_done, bytes_total, self.now(), name))
+
+    def live_clients(self, heartbeat_timeout: float) -> list[str]:
+        """Sites not revoked that polled within `heartbeat_timeout` seconds, by name."""
+        rows = self._all("SELECT name FROM clients WHERE revoked=0 AND last_seen IS NOT NULL AND last_seen>=? "
+                         "ORDER BY name", (self.now() - heartbeat_timeout,))
+        return [r["name"] for r in rows]
+
+    # -- runs ------------------------------------------------------------------------------------------------------
+    def current_run(self) -> Run | None:
+        """The newest run."""
+        row = self._one("SELECT * FROM runs ORDER BY created_at DESC LIMIT 1")
+        if row is None:
+            return None
+        server_state = ServerStateRef.from_json(row["server_state"]) if row["server_state"] else None
+        return Run(row["run_id"], RunState(row["state"]), row["round"], row["init_client"], row["schema_json"],
+                   row["adapter_config"], from_table(RunConfig, json.loads(row["config_json"]), "run"),
+                   row["task_json"], server_state)
+
+    def create_run(self, run_id: str, config: RunConfig, task: TaskSpec) -> Run:
+        """A new run in state init: it waits for a site to provide the initial adapter."""
+        task_json = task.to_json()
+        with self._tx() as db:
+            db.execute("INSERT INTO runs(run_id, config_json, task_json, state, round, created_at)"
+                       " VALUES (?,?,?,?,?,?)", (run_id, json.dumps(asdict(config), sort_keys=True), task_json,
+                                                 RunState.INIT.value, 0, self.now()))
+            self._audit(db, {"kind": "run", "run_id": run_id, "task": task_json})
+        return self.current_run()
+
+    def claim_init(self, run_id: str, client: str) -> Run:
+        """Site `client` becomes the provider of the initial adapter unless another one already is; returns the
+        run as it is afterwards."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET init_client=? WHERE run_id=? AND init_client IS NULL", (client, run_id))
+        return self.current_run()
+
+    def release_init(self, run_id: str) -> None:
+        """The site chosen for the initial adapter went away: the next site to poll may claim it."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET init_client=NULL WHERE run_id=?", (run_id,))
+
+    def publish_initial_global(self, run_id: str, record: GlobalRecord, signature: bytes, server_state: ServerStateRef,
+                               schema_json: str, adapter_config: str | None) -> None:
+        """The initial adapter becomes global 0, fixing the run's schema: the run is running and round 1 waits."""
+        with self._tx() as db:
+            self._insert_global(db, record, signature)
+            db.execute("UPDATE runs SET state=?, round=1, schema_json=?, adapter_config=?, server_state=? "
+                       "WHERE run_id=?", (RunState.RUNNING.value, schema_json, adapter_config,
+                                          server_state.to_json(), run_id))
+            self._insert_round(db, run_id, 1, RoundPhase.WAITING, record.digest)
+
+    def finish_run(self, run_id: str, evaluation_round: int) -> None:
+        """The final evaluation is over (every site reported, or its deadline passed): the run is done."""
+        now = self.now()
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET phase=?, finished_at=? WHERE run_id=? AND round=?",
+                       (RoundPhase.DONE.value, now, run_id, evaluation_round))
+            db.execute("UPDATE runs SET state=?, round=?, finished_at=? WHERE run_id=?",
+                       (RunState.DONE.value, evaluation_round - 1, now, run_id))
+            self._audit(db, {"kind": "run_done", "run_id": run_id})
+
+    # -- rounds ----------------------------------------------------------------------------------------------------
+    def round(self, run_id: str, number: int) -> Round | None:
+        """Round `number` of the run (the final evaluation is the round after the last)."""
+        row = self._one("SELECT * FROM rounds WHERE run_id=? AND round=?", (run_id, number))
+        if row is None:
+            return None
+        return Round(row["run_id"], row["round"], RoundPhase(row["phase"]), row["attempt"], row["base_digest"],
+                     row["deadline"], row["started_at"], row["finished_at"], row["global_digest"])
+
+    def assignments(self, run_id: str, number: int) -> dict[str, AssignmentState]:
+        """Site -> its state, for every site sampled in the round (every attempt)."""
+        rows = self._all("SELECT client, state FROM assignments WHERE run_id=? AND round=?", (run_id, number))
+        return {r["client"]: AssignmentState(r["state"]) for r in rows}
+
+    def assignment(self, run_id: str, number: int, client: str) -> AssignmentState | None:
+        """The site's state in the round; None if it was never sampled."""
+        row = self._one("SELECT state FROM assignments WHERE run_id=? AND round=? AND client=?",
+                        (run_id, number, client))
+        return AssignmentState(row["state"]) if row else None
+
+    def open_round(self, run_id: str, number: int, sampled: Sequence[str], deadline: float) -> None:
+        """The sampled sites are assigned and the round collects their updates until `deadline` (waiting ->
+        training). A site sampled again (after a reopen) is assigned afresh."""
+        with self._tx() as db:
+            for name in sampled:
+                db.execute("INSERT OR REPLACE INTO assignments(run_id, round, client, state) VALUES (?,?,?,?)",
+                           (run_id, number, name, AssignmentState.ASSIGNED.value))
+            db.execute("UPDATE rounds SET phase=?, deadline=? WHERE run_id=? AND round=?",
+                       (RoundPhase.TRAINING.value, deadline, run_id, number))
+
+    def mark_late(self, run_id: str, number: int, clients: Sequence[str]) -> None:
+        """The deadline passed before these assigned sites' updates arrived: their updates are refused from now."""
+        with self._tx() as db:
+            self._mark_late(db, run_id, number, clients)
+
+    def reopen_round(self, run_id: str, number: int, late: Sequence[str]) -> None:
+        """The deadline passed without a quorum: `late` are marked late and the round goes back to waiting for a
+        new sample (attempt + 1); accepted updates are kept."""
+        with self._tx() as db:
+            self._mark_late(db, run_id, number, late)
+            db.execute("UPDATE rounds SET phase=?, attempt=attempt+1, deadline=NULL WHERE run_id=? AND round=?",
+                       (RoundPhase.WAITING.value, run_id, number))
+
+    def publish_global(self, run_id: str, number: int, record: GlobalRecord, signature: bytes,
+                       server_state: ServerStateRef, server_metrics: dict[str, float], then: Next,
+                       evaluators: Sequence[str] = (), eval_deadline: float | None = None) -> None:
+        """Round `number` is aggregated: its signed global and the server state after it are recorded (with the
+        server step's metrics) and the round is done; then, in the same transaction, the next round waits
+        (`Next.ROUND`), or the final evaluation asks `evaluators` until `eval_deadline`, or the run is done."""
+        now = self.now()
+        with self._tx() as db:
+            self._insert_global(db, record, signature)
+            db.execute("UPDATE runs SET server_state=? WHERE run_id=?", (server_state.to_json(), run_id))
+            if server_metrics:
+                self._insert_metrics(db, run_id, number, COORDINATOR, MetricsKind.SERVER, record.digest,
+                                     server_metrics)
+            db.execute("UPDATE rounds SET phase=?, finished_at=?, global_digest=? WHERE run_id=? AND round=?",
+                       (RoundPhase.DONE.value, now, record.digest, run_id, number))
+            if then is Next.ROUND:
+                db.execute("UPDATE runs SET round=? WHERE run_id=?", (number + 1, run_id))
+                self._insert_round(db, run_id, number + 1, RoundPhase.WAITING, record.digest)
+            elif then is Next.FINAL_EVALUATION:
+                db.execute("UPDATE runs SET state=?, round=? WHERE run_id=?",
+                           (RunState.EVALUATING.value, number + 1, run_id))
+                self._insert_round(db, run_id, number + 1, RoundPhase.EVALUATING, record.digest, eval_deadline)
+                for name in evaluators:
+                    db.execute("INSERT INTO assignments(run_id, round, client, state) VALUES (?,?,?,?)",
+                               (run_id, number + 1, name, AssignmentState.ASSIGNED.value))
+            else:
+                db.execute("UPDATE runs SET state=?, finished_at=? WHERE run_id=?", (RunState.DONE.value, now, run_id))
+
+    def _insert_round(self, db: sqlite3.Connection, run_id: str, number: int, phase: RoundPhase, base_digest: str,
+                      deadline: float | None = None) -> None:
+        db.execute("INSERT INTO rounds(run_id, round, phase, base_digest, deadline, started_at) VALUES (?,?,?,?,?,?)",
+                   (run_id, number, phase.value, base_digest, deadline, self.now()))
+
+    def _mark_late(self, db: sqlite3.Connection, run_id: str, number: int, clients: Sequence[str]) -> None:
+        for name in clients:
+            db.execute("UPDATE assignments SET state=? WHERE run_id=? AND round=? AND client=?",
+                       (AssignmentState.LATE.value, run_id, number, name))
+
+    def _insert_global(self, db: sqlite3.Connection, record: GlobalRecord, signature: bytes) -> None:
+        """A signed global version and its audit entry."""
+        db.execute("INSERT OR REPLACE INTO globals(digest, run_id, round, size, record_json, signature, created_at)"
+                   " VALUES (?,?,?,?,?,?,?)", (record.digest, record.run_id, record.round, record.size,
+                                               record.to_json(), signature, record.created_at))
+        self._audit(db, {"kind": "global", "record": record.to_json(), "signature": signature.hex()})
+
+    # -- uploads and updates ---------------------------------------------------------------------------------------
+    def nonce_used(self, nonce: str) -> bool:
+        """Whether an accepted update already carried this manifest nonce."""
+        return self._one("SELECT 1 FROM nonces WHERE nonce=?", (nonce,)) is not None
+
+    def upload(self, upload_id: str) -> Upload | None:
+        """The partial upload with this id (None once accepted or discarded)."""
+        row = self._one("SELECT * FROM uploads WHERE upload_id=?", (upload_id,))
+        return _upload(row) if row else None
+
+    def upload_by_nonce(self, nonce: str) -> Upload | None:
+        """The partial upload announced with this manifest nonce."""
+        row = self._one("SELECT * FROM uploads WHERE nonce=?", (nonce,))
+        return _upload(row) if row else None
+
+    def uploads(self, run_id: str, number: int) -> list[Upload]:
+        """The partial uploads of a round."""
+        return [_upload(r) for r in self._all("SELECT * FROM uploads WHERE run_id=? AND round=?", (run_id, number))]
+
+    def announce_upload(self, upload_id: str, manifest: UpdateManifest, manifest_json: str,
+                        signature: bytes) -> Upload:
+        """A partial upload for a checked, signed manifest, with nothing received yet."""
+        with self._tx() as db:
+            db.execute("INSERT INTO uploads(upload_id, run_id, round, client, nonce, manifest_json, signature, size,"
+                       " sha256, received, created_at) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+                       (upload_id, manifest.run_id, manifest.round, manifest.client, manifest.nonce, manifest_json,
+                        signature, manifest.size, manifest.sha256, self.now()))
+        return self.upload(upload_id)
+
+    def checkpoint_upload(self, upload_id: str, received: int) -> None:
+        """The first `received` bytes of the upload's part file are durable (a resume starts there)."""
+        with self._tx() as db:
+            db.execute("UPDATE uploads SET received=? WHERE upload_id=?", (received, upload_id))
+
+    def discard_upload(self, upload_id: str) -> None:
+        """Forget a partial upload (its part file is the caller's to delete)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
+
+    def accept_update(self, upload_id: str, digest: str) -> Update:
+        """The complete, verified upload becomes an accepted update (its blob `digest` is durable): its nonce is
+        spent, its site's assignment is accepted and the partial upload is gone, all at once."""
+        now = self.now()
+        with self._tx() as db:
+            upload = _upload(db.execute("SELECT * FROM uploads WHERE upload_id=?", (upload_id,)).fetchone())
+            manifest = UpdateManifest.from_json(upload.manifest_json)
+            db.execute("INSERT INTO updates(run_id, round, client, digest, num_examples, manifest_json, signature,"
+                       " accepted_at) VALUES (?,?,?,?,?,?,?,?)",
+                       (upload.run_id, upload.round, upload.client, digest, manifest.num_examples,
+                        upload.manifest_json, upload.signature, now))
+            db.execute("INSERT INTO nonces(nonce, client, used_at) VALUES (?,?,?)", (upload.nonce, upload.client, now))
+            db.execute("UPDATE assignments SET state=? WHERE run_id=? AND round=? AND client=?",
+                       (AssignmentState.ACCEPTED.value, upload.run_id, upload.round, upload.client))
+            db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
+        return Update(upload.run_id, upload.round, upload.client, digest, manifest.num_examples,
+                      upload.manifest_json, upload.signature, now)
+
+    def accepted_updates(self, run_id: str, number: int) -> list[Update]:
+        """Accepted updates of a round, in client-name order (so aggregation is deterministic)."""
+        rows = self._all("SELECT * FROM updates WHERE run_id=? AND round=? ORDER BY client", (run_id, number))
+        return [Update(r["run_id"], r["round"], r["client"], r["digest"], r["num_examples"], r["manifest_json"],
+                       r["signature"], r["accepted_at"]) for r in rows]
+
+    def initial_update(self, run_id: str) -> Update | None:
+        """The accepted initial adapter of a run (round 0), if any."""
+        updates = self.accepted_updates(run_id, 0)
+        return updates[0] if updates else None
+
+    def update_counts(self, run_id: str) -> dict[int, int]:
+        """Round -> number of accepted updates."""
+        rows = self._all("SELECT round, COUNT(*) AS n FROM updates WHERE run_id=? GROUP BY round", (run_id,))
+        return {r["round"]: r["n"] for r in rows}
+
+    # -- globals ---------------------------------------------------------------------------------------------------
+    def global_version(self, run_id: str, number: int) -> GlobalVersion | None:
+        """The global published for round `number` of the run (0: the initial adapter)."""
+        row = self._one("SELECT * FROM globals WHERE run_id=? AND round=?", (run_id, number))
+        return _global(row) if row else None
+
+    def global_by_digest(self, digest: str) -> GlobalVersion | None:
+        """The newest global version with these bytes."""
+        row = self._one("SELECT * FROM globals WHERE digest=? ORDER BY created_at DESC LIMIT 1", (digest,))
+        return _global(row) if row else None
+
+    def latest_global(self, run_id: str) -> GlobalVersion | None:
+        """The run's global of the highest round."""
+        row = self._one("SELECT * FROM globals WHERE run_id=? ORDER BY round DESC LIMIT 1", (run_id,))
+        return _global(row) if row else None
+
+    def globals(self, run_id: str) -> list[GlobalVersion]:
+        """Every global version of a run, by round."""
+        return [_global(r) for r in self._all("SELECT * FROM globals WHERE run_id=? ORDER BY round", (run_id,))]
+
+    # -- metrics ---------------------------------------------------------------------------------------------------
+    def record_metrics(self, run_id: str, number: int, client: str, kind: MetricsKind, global_digest: str,
+                       metrics: dict[str, float]) -> None:
+        """A site's metrics for a round (a report for the same round and kind replaces the earlier one); they
+        also become the site's last metrics."""
+        with self._tx() as db:
+            self._insert_metrics(db, run_id, number, client, kind, global_digest, metrics)
+            db.execute("UPDATE clients SET last_metrics=? WHERE name=?", (json.dumps(metrics, sort_keys=True), client))
+
+    def metrics(self, run_id: str, kind: MetricsKind, number: int | None = None) -> list[MetricsReport]:
+        """The metrics rows of a run of one kind (of one round if `number` is given)."""
+        sql, args = "SELECT * FROM metrics WHERE run_id=? AND kind=?", (run_id, kind.value)
+        if number is not None:
+            sql, args = sql + " AND round=?", (*args, number)
+        return [MetricsReport(r["run_id"], r["round"], r["client"], MetricsKind(r["kind"]), r["global_digest"],
+                              json.loads(r["metrics_json"]), r["reported_at"]) for r in self._all(sql, args)]
+
+    def _insert_metrics(self, db: sqlite3.Connection, run_id: str, number: int, client: str, kind: MetricsKind,
+                        global_digest: str, metrics: dict[str, float]) -> None:
+        db.execute("INSERT OR REPLACE INTO metrics(run_id, round, client, kind, global_digest, metrics_json,"
+                   " reported_at) VALUES (?,?,?,?,?,?,?)",
+                   (run_id, number, client, kind.value, global_digest, json.dumps(metrics, sort_keys=True),
+                    self.now()))
+
+    # -- audit -----------------------------------------------------------------------------------------------------
+    def audit_entries(self) -> list[AuditEntry]:
+        """The whole audit chain, oldest first."""
+        return [AuditEntry(r["seq"], r["entry_json"], r["prev_hash"], r["hash"])
+                for r in self._all("SELECT * FROM audit ORDER BY seq")]
+
+    def audit_head(self) -> str | None:
+        """The newest link of the audit chain (None while it is empty)."""
+        row = self._one("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return row["hash"] if row else None
+
+
+def _client(row: sqlite3.Row) -> Client:
+    return Client(row["name"], row["cert_fingerprint"], row["enrolled_at"], bool(row["revoked"]),
+                  Activity(row["state"]), row["detail"], row["bytes_done"], row["bytes_total"], row["last_seen"],
+                  json.loads(row["last_metrics"]))
+
+
+def _upload(row: sqlite3.Row) -> Upload:
+    return Upload(row["upload_id"], row["run_id"], row["round"], row["client"], row["nonce"], row["manifest_json"],
+                  row["signature"], row["size"], row["sha256"], row["received"], row["created_at"])
+
+
+def _global(row: sqlite3.Row) -> GlobalVersion:
+    return GlobalVersion(row["digest"], row["run_id"], row["round"], row["size"], row["record_json"],
+                         row["signature"], row["created_at"])

@@ -1,0 +1,241 @@
+"""What the coordinator's state holds, as typed records and state enums (no SQL here: see `db.py`).
+
+The enum values are the strings stored in state.db and shown by `fedvlm-coord status`, so they never change
+meaning; a new state is a new value plus a schema version.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from fedvlm.spec import TaskSpec
+
+from ..config import RunConfig
+
+__all__ = [
+    "GENESIS", "Activity", "AssignmentState", "AuditEntry", "Client", "GlobalVersion", "MetricsKind", "MetricsReport",
+    "Next", "Round", "RoundPhase", "Run", "RunState", "ServerStateRef", "Token", "Update", "Upload", "audit_hash",
+]
+
+
+class RunState(StrEnum):
+    """A run's life: init (waiting for the initial adapter) -> running -> evaluating (optional) -> done."""
+
+    INIT = "init"
+    RUNNING = "running"
+    EVALUATING = "evaluating"
+    DONE = "done"
+
+
+class RoundPhase(StrEnum):
+    """A round: waiting (for enough live sites) -> training (sampled sites send updates) -> done.
+
+    The final-evaluation round after the last one is `EVALUATING` until the sites reported or its deadline passed.
+    """
+
+    WAITING = "waiting"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    DONE = "done"
+
+
+class AssignmentState(StrEnum):
+    """A sampled site in a round: assigned -> accepted or late. A site sampled again after a reopen is assigned
+    afresh; the final evaluation assigns the live sites too."""
+
+    ASSIGNED = "assigned"  # asked for an update (or an evaluation); refused once the round's deadline has passed
+    ACCEPTED = "accepted"  # its update is in and stays in, whatever happens to the round
+    LATE = "late"  # the deadline passed first: its update is refused
+
+
+class Activity(StrEnum):
+    """What a site last said it is doing (its heartbeat)."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    DONE = "done"
+    EVALUATING = "evaluating"
+
+
+class MetricsKind(StrEnum):
+    """Who measured a metrics row: a site evaluating a global (eval), a site's training (train), the server step."""
+
+    EVAL = "eval"
+    TRAIN = "train"
+    SERVER = "server"
+
+
+class Next(StrEnum):
+    """What follows a published global: the next training round, the final evaluation, or the end of the run."""
+
+    ROUND = "round"
+    FINAL_EVALUATION = "final_evaluation"
+    DONE = "done"
+
+
+GENESIS = "0" * 64  # the audit chain's link before its first entry
+
+
+def audit_hash(prev_hash: str, entry_json: str) -> str:
+    """Link of the audit chain: SHA-256 over the previous link and the entry's canonical JSON."""
+    return hashlib.sha256(f"{prev_hash}\n{entry_json}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServerStateRef:
+    """Where the algorithm's server state after round `round` lives: a blob digest ("" = an empty state)."""
+
+    round: int
+    digest: str
+
+    def to_json(self) -> str:
+        """The reference as stored in runs.server_state."""
+        return json.dumps({"round": self.round, "digest": self.digest}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerStateRef:
+        """Parse `to_json` output."""
+        raw = json.loads(text)
+        return cls(round=raw["round"], digest=raw["digest"])
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run: its state, the round it is in, what its initial adapter fixed, and its schedule and task."""
+
+    run_id: str
+    state: RunState
+    round: int  # the round being trained (1-based); the latest global is round - 1
+    init_client: str | None  # the site asked for the initial adapter
+    schema_json: str | None  # the global's tensor schema, fixed by the initial adapter
+    adapter_config: str | None  # the PEFT adapter_config.json the initial adapter carried
+    config: RunConfig  # the schedule the run was created with
+    task_json: str = field(repr=False)  # the task spec's canonical JSON, exactly as sites receive it
+    server_state: ServerStateRef | None = None  # None: a run created before server states existed
+
+    @functools.cached_property
+    def task(self) -> TaskSpec:
+        """The run's task spec, parsed on first use: read-only commands (status) never load the algorithms."""
+        return TaskSpec.from_json(self.task_json)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of a run: its phase, the global it starts from, its deadline and the global it produced."""
+
+    run_id: str
+    round: int
+    phase: RoundPhase
+    attempt: int  # 1 + how often the round went back to sampling for want of a quorum
+    base_digest: str  # the global the round's updates start from
+    deadline: float | None
+    started_at: float
+    finished_at: float | None
+    global_digest: str | None  # the global it produced
+
+
+@dataclass(frozen=True)
+class Client:
+    """An enrolled site and what its last heartbeat said."""
+
+    name: str
+    cert_fingerprint: str  # the only certificate this site may connect with
+    enrolled_at: float
+    revoked: bool
+    activity: Activity
+    detail: str
+    bytes_done: int
+    bytes_total: int
+    last_seen: float | None
+    last_metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Token:
+    """A join token (only the HMAC key derived from its secret is kept)."""
+
+    token_id: str
+    name: str  # the site it enrolls
+    proof_key: bytes = field(repr=False)
+    expires_at: float
+    created_at: float
+    used_at: float | None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A partial upload: announced with a signed manifest, `received` bytes durable so far."""
+
+    upload_id: str
+    run_id: str
+    round: int
+    client: str
+    nonce: str
+    manifest_json: str
+    signature: bytes
+    size: int
+    sha256: str
+    received: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Update:
+    """An accepted update: its blob digest and the signed manifest it came with."""
+
+    run_id: str
+    round: int
+    client: str
+    digest: str
+    num_examples: int
+    manifest_json: str
+    signature: bytes
+    accepted_at: float
+
+
+@dataclass(frozen=True)
+class GlobalVersion:
+    """A published, signed global version of a run."""
+
+    digest: str
+    run_id: str
+    round: int
+    size: int
+    record_json: str  # the signed fedvlm.security.signing.GlobalRecord
+    signature: bytes
+    created_at: float
+
+
+@dataclass(frozen=True)
+class MetricsReport:
+    """Metrics measured on the global `global_digest` in a round, by a site or the server step."""
+
+    run_id: str
+    round: int
+    client: str
+    kind: MetricsKind
+    global_digest: str
+    metrics: dict[str, float]
+    reported_at: float
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One link of the hash-chained audit log."""
+
+    seq: int
+    entry_json: str
+    prev_hash: str
+    hash: str
+
+    @property
+    def entry(self) -> dict[str, Any]:
+        """The entry's content (its canonical JSON, parsed)."""
+        return json.loads(self.entry_json)

@@ -1,0 +1,170 @@
+"""The state layer itself: schema versions, enrollment and revocation, heartbeats, metrics and the audit chain, on
+an in-memory state and on real files (the round transitions are in test_round_driver.py and test_intake.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from fedvlm.coordinator.cli import app as coord_app
+from fedvlm.coordinator.config import RunConfig
+from fedvlm.coordinator.layout import FederationDir
+from fedvlm.coordinator.state import (
+    GENESIS,
+    SCHEMA_VERSION,
+    Activity,
+    MetricsKind,
+    State,
+    StateError,
+    audit_hash,
+)
+from fedvlm.coordinator.state.db import SCHEMA
+from fedvlm.spec import TaskSpec
+
+from .inprocess import Clock
+
+# The task JSON a coordinator stored before algorithms had their own configs: every algorithm's keys in one table.
+OLD_TASK_JSON = (
+    '{"algorithm": {"aggregator": "mean", "beta1": 0.9, "beta2": 0.99, "clip_norm": 0.0, "dp_delta": 1e-05, '
+    '"dp_noise_multiplier": 0.0, "eta": 0.001, "krum_byzantine": 1, "krum_select": 1, "lora_exact": false, '
+    '"mu": 0.1, "name": "fedprox", "scaffold_clients": 0, "server_lr": 1.0, "server_momentum": 0.9, "tau": 0.001, '
+    '"trim_ratio": 0.2}, "box_format": "xyxy-pixel", "lora": {"alpha": 32, "dropout": 0.05, "r": 8, '
+    '"targets": ["all-linear"]}, "model": "tiny-llava", "seed": 0, "strategy": "F-CL", "switch_round": 0, '
+    '"task_type": "classification", "train": {"batch_size": 8, "eval_batch_size": 32, "local_epochs": 1.0, '
+    '"lr": 0.001, "max_new_tokens": 4, "max_steps": 0, "weight_decay": 0.0}}'
+)
+
+
+def test_a_new_state_records_schema_version_1(tmp_path):
+    state = State(tmp_path / "state.db")
+    assert SCHEMA_VERSION == 1 and state.schema_version() == 1
+    state.close()
+    assert State(tmp_path / "state.db", readonly=True).schema_version() == 1
+
+
+def test_a_state_from_before_versions_were_recorded_opens_as_version_1(tmp_path):
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.executescript(SCHEMA)
+    db.execute("INSERT INTO meta(key, value) VALUES ('federation_id', 'old')")
+    db.commit()
+    db.close()
+    assert State(tmp_path / "state.db", readonly=True).schema_version() == 0  # read as it is
+    state = State(tmp_path / "state.db")
+    assert state.schema_version() == 1 and state.federation_id() == "old"
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_state_from_a_newer_version_is_refused_and_left_alone(tmp_path, readonly):
+    state = State(tmp_path / "state.db")
+    state.init_federation("f" * 32, "ca")
+    state.close()
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    with pytest.raises(StateError, match=r"state schema version 2 is newer than this fedvlm's \(1\)"):
+        State(tmp_path / "state.db", readonly=readonly)
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("SELECT value FROM meta").fetchall() == [("f" * 32,)]
+
+
+def test_the_cli_refuses_a_newer_state_directory_with_one_line(tmp_path):
+    root = tmp_path / "fed"
+    result = CliRunner().invoke(coord_app, ["init", "--dir", str(root), "--host", "localhost"])
+    assert result.exit_code == 0, result.output
+    db = sqlite3.connect(FederationDir(root).database)
+    db.execute("PRAGMA user_version=7")
+    db.close()
+    for args in (["status"], ["serve", "--listen", "127.0.0.1:0", "--enroll-listen", "127.0.0.1:0"],
+                 ["enroll", "site-a"]):
+        result = CliRunner().invoke(coord_app, [*args, "--dir", str(root)])
+        assert result.exit_code == 1, (args, result.output)
+        text = " ".join(result.output.split())  # rich wraps long lines at the terminal's width
+        assert text.startswith("error:") and text.count("error:") == 1, (args, result.output)
+        assert "state schema version 7 is newer than this fedvlm's (1)" in text and "Traceback" not in text
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    (tmp_path / "state.db").write_bytes(b"not sqlite at all, just some bytes " * 100)
+    with pytest.raises(StateError, match="not a readable fedvlm state database"):
+        State(tmp_path / "state.db")
+
+
+def test_a_token_enrolls_its_site_once_and_revocation_sticks():
+    clock = Clock()
+    state = State.in_memory(clock)
+    state.issue_token("t1", "site-a", b"proof", clock() + 60)
+    assert state.token("t1").used_at is None
+    assert state.enroll_client("t1", "site-a", "fp1")
+    assert not state.enroll_client("t1", "site-a", "fp2")  # used: nothing changes
+    client = state.client("site-a")
+    assert (client.cert_fingerprint, client.revoked, client.activity) == ("fp1", False, Activity.IDLE)
+    assert state.token("t1").used_at == clock()
+    state.issue_token("t2", "site-a", b"proof", clock() + 60)
+    assert state.enroll_client("t2", "site-a", "fp3")  # re-enrollment replaces the certificate
+    assert state.client("site-a").cert_fingerprint == "fp3"
+    assert state.revoke_client("site-a") and not state.revoke_client("nobody")
+    assert state.client("site-a").revoked and state.live_clients(60) == []
+
+
+def test_heartbeats_decide_who_is_live():
+    clock = Clock()
+    state = State.in_memory(clock)
+    for name in ("a", "b"):
+        state.issue_token(name, name, b"", clock() + 60)
+        state.enroll_client(name, name, name)
+    assert state.live_clients(10) == []  # enrolled but never seen
+    state.record_heartbeat("a", Activity.TRAINING, "step 3/9", 0, 0)
+    clock.advance(5)
+    state.record_heartbeat("b", Activity.UPLOADING, "", 10, 40)
+    assert state.live_clients(10) == ["a", "b"]
+    clock.advance(6)
+    assert state.live_clients(10) == ["b"]
+    b = state.client("b")
+    assert (b.activity, b.bytes_done, b.bytes_total, b.last_seen) == (Activity.UPLOADING, 10, 40, clock() - 6)
+
+
+def test_a_metrics_report_replaces_the_earlier_one_and_becomes_the_last_metrics():
+    state = State.in_memory()
+    state.issue_token("a", "a", b"", 1e12)
+    state.enroll_client("a", "a", "a")
+    state.record_metrics("run", 1, "a", MetricsKind.EVAL, "d" * 64, {"accuracy": 0.5})
+    state.record_metrics("run", 1, "a", MetricsKind.EVAL, "d" * 64, {"accuracy": 0.75})
+    state.record_metrics("run", 1, "a", MetricsKind.TRAIN, "d" * 64, {"loss": 1.0})
+    [report] = state.metrics("run", MetricsKind.EVAL)
+    assert (report.round, report.client, report.metrics) == (1, "a", {"accuracy": 0.75})
+    assert state.metrics("run", MetricsKind.EVAL, 2) == []
+    assert state.client("a").last_metrics == {"loss": 1.0}
+
+
+def test_audited_transitions_form_one_hash_chain():
+    state = State.in_memory()
+    state.init_federation("f" * 32, "ca-fingerprint")
+    state.issue_token("t", "a", b"", 1e12)
+    state.enroll_client("t", "a", "fp")
+    state.revoke_client("a")
+    entries = state.audit_entries()
+    assert [e.entry["kind"] for e in entries] == ["init", "token", "enroll", "revoke"]
+    prev = GENESIS
+    for entry in entries:
+        assert entry.prev_hash == prev and entry.hash == audit_hash(prev, entry.entry_json)
+        prev = entry.hash
+    assert state.audit_head() == prev
+
+
+def test_a_restarted_coordinator_reads_the_runs_it_stored_in_either_task_json_shape(tmp_path):
+    state = State(tmp_path / "state.db")
+    spec = TaskSpec.from_dict({"algorithm": {"name": "fedprox", "mu": 0.1}})
+    state.create_run("new", RunConfig(rounds=2), spec)
+    state.close()
+    reopened = State(tmp_path / "state.db")
+    run = reopened.current_run()
+    assert run.task == spec and run.config == RunConfig(rounds=2) and run.task_json == spec.to_json()
+    reopened.close()
+    db = sqlite3.connect(tmp_path / "state.db")  # as the previous version of fedvlm wrote it
+    db.execute("UPDATE runs SET task_json=?", (OLD_TASK_JSON,))
+    db.commit()
+    db.close()
+    assert State(tmp_path / "state.db", readonly=True).current_run().task == spec
