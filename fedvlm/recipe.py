@@ -7,7 +7,6 @@ this module knows about devices and optional packages, which the coordinator nev
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -40,9 +39,10 @@ def learning_rate(train: TrainSpec, round_index: int, total_rounds: int, step: i
 
     A pure function of those numbers, so a site needs no state from earlier rounds (it builds a fresh optimizer
     every round). The schedule runs over the site's whole run, ``t = (round - 1) * steps_per_round + step - 1`` of
-    ``T = total_rounds * steps_per_round`` steps: a linear warm-up ``lr * (t + 1) / warmup_steps`` over the first
-    ``warmup_steps``, then ``lr`` (constant) or ``lr * (1 + cos(pi * (t - warmup) / (T - warmup))) / 2`` (cosine,
-    as transformers' ``get_cosine_schedule_with_warmup`` but without its zero first step). ``ValueError`` if the
+    ``T = total_rounds * steps_per_round`` steps: a linear warm-up ``lr * (t + 1) / (warmup_steps + 1)`` over the
+    first ``warmup_steps``, then ``lr`` (constant) or ``lr * (1 + cos(pi * (t - warmup) / (T - warmup))) / 2``
+    (cosine), as transformers' ``get_cosine_schedule_with_warmup`` shifted by one step so that no step trains at
+    a rate of zero. ``ValueError`` if the
     schedule needs a position the arguments do not give (a round outside 1..total_rounds).
     """
     if train.lr_schedule == "constant" and not train.warmup_steps:
@@ -52,7 +52,7 @@ def learning_rate(train: TrainSpec, round_index: int, total_rounds: int, step: i
                          f"{round_index} is outside the run's rounds 1..{total_rounds}")
     t = (round_index - 1) * steps_per_round + step - 1
     if t < train.warmup_steps:
-        return train.lr * (t + 1) / train.warmup_steps
+        return train.lr * (t + 1) / (train.warmup_steps + 1)
     if train.lr_schedule == "constant":
         return train.lr
     decay_steps = max(1, total_rounds * steps_per_round - train.warmup_steps)
@@ -70,6 +70,9 @@ def check_site(spec: TaskSpec, device: str) -> None:
     if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise SiteSetupError(f'task.train.precision = "bf16": the GPU {torch.cuda.get_device_name(device)} has no '
                              'bfloat16 support: use "fp16" or "fp32"')
-    if spec.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-        raise SiteSetupError(f'task.quantization = "{spec.quantization}" needs bitsandbytes on this site: '
-                             "pip install 'fedvlm[qlora]'")
+    if spec.quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise SiteSetupError(f'task.quantization = "{spec.quantization}" needs bitsandbytes on this site: '
+                                 "pip install 'fedvlm[qlora]'") from exc
