@@ -10,6 +10,7 @@ per file (what ``from_pretrained`` on a hub id does: 5 retries with backoff on e
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -118,10 +119,11 @@ def _hub_snapshot(spec_model: str, repo_id: str, revision: str | None) -> tuple[
         else:
             logger.info("downloading %s (commit %s) into %s", wanted, info.sha, cache)
             started = time.monotonic()
-            path = snapshot_download(repo_id, revision=info.sha, cache_dir=cache, endpoint=endpoint,
-                                     allow_patterns=MODEL_FILES, tqdm_class=_progress_class())
+            # By name, not by info.sha: the cache then records the branch or tag, so it resolves offline later.
+            path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, endpoint=endpoint,
+                                          allow_patterns=MODEL_FILES, tqdm_class=_progress_class()))
             logger.info("%s ready in %.1fs: %s", wanted, time.monotonic() - started, path)
-            return info.sha, Path(path)
+            return path.name, path  # the snapshot folder is named by its commit
     try:
         path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
                                       allow_patterns=MODEL_FILES))
@@ -150,28 +152,30 @@ def _progress_class() -> type[tqdm]:
 
 
 class LoggedProgress(tqdm):
-    """A tqdm that logs ``desc: done / total (percent)`` at most every ``PROGRESS_LOG_INTERVAL_S`` and when it
-    closes, instead of drawing a bar."""
+    """A tqdm that logs ``desc: done / total (percent)`` at most every ``PROGRESS_LOG_INTERVAL_S`` and once done,
+    instead of drawing a bar."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.pop("name", None)  # huggingface_hub's own bars take a name; tqdm does not
-        kwargs.update(disable=False, mininterval=PROGRESS_LOG_INTERVAL_S, file=sys.stderr)
-        self._logged_at = 0.0
+        kwargs.update(disable=False, mininterval=PROGRESS_LOG_INTERVAL_S, file=io.StringIO())
+        self._logged = (0.0, 0)  # when, at which count
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None) -> bool:
-        now = time.monotonic()
-        if self.n and (self.n == self.total or now - self._logged_at >= PROGRESS_LOG_INTERVAL_S):
-            self._logged_at = now
+        now, (logged_at, logged_n) = time.monotonic(), self._logged
+        done = bool(self.total) and self.n >= self.total
+        if self.n != logged_n and (done or now - logged_at >= PROGRESS_LOG_INTERVAL_S):
+            self._logged = (now, self.n)
             logger.info("%s", self.status())
         return True
 
     def status(self) -> str:
-        """``desc: done / total (percent)`` in the bar's unit (bytes scaled as 1.2GB)."""
+        """``desc: done / total (percent)``, bytes scaled as in ``1.95MB``."""
+        unit = "" if self.unit == "it" else self.unit
         scale = self.format_sizeof if self.unit_scale else str
         done, total = scale(self.n), scale(self.total) if self.total else "?"
         percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        return f"{self.desc or 'progress'}: {done}{self.unit} / {total}{self.unit}{percent}"
+        return f"{(self.desc or 'progress').rstrip(': ')}: {done}{unit} / {total}{unit}{percent}"
 
 
 def _full_precision_modules(directory: Path) -> list[str]:
@@ -209,6 +213,7 @@ def load_base(spec_model: str | ModelSource, cache_dir: Path | None = None, devi
     frozen base then takes half the memory); ``quantization`` nf4/int8 quantizes the base with bitsandbytes at
     load (``quantization_config``), placed on ``device`` by ``device_map``.
     """
+    source = spec_model if isinstance(spec_model, ModelSource) else resolve_model(spec_model, cache_dir)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
@@ -216,7 +221,6 @@ def load_base(spec_model: str | ModelSource, cache_dir: Path | None = None, devi
     import fedvlm.vlm.archs  # noqa: F401  (registers fedvlm's own model type with the Auto classes)
     from fedvlm.recipe import compute_dtype
 
-    source = spec_model if isinstance(spec_model, ModelSource) else resolve_model(spec_model, cache_dir)
     hf_logging.disable_progress_bar()  # loading from local disk: per-weight bars from 3 processes are noise
     device = resolve_device(device)
     dtype = compute_dtype(precision)
