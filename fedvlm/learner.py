@@ -88,7 +88,11 @@ class Learner:
         """``lora_rank``: a site-local LoRA rank instead of ``spec.lora.r`` (0 = the spec's), for sites with less
         memory or compute. Needs ``task.algorithm.lora_exact`` (averaging A and B separately needs equal ranks);
         the adapter then differs from the global's schema: load a global with ``load_global_state``. The site that
-        builds the initial adapter must use the spec's rank (that adapter defines the global's schema)."""
+        builds the initial adapter must use the spec's rank (that adapter defines the global's schema).
+
+        The recipe (``spec.train.precision``, ``spec.quantization``, gradient checkpointing) applies to the base;
+        the adapter is float32 in every case. ``SiteSetupError`` before anything is loaded if this site cannot
+        train the recipe on ``device`` (fedvlm.recipe.check_site); ``OSError`` if the model cannot be had."""
         configure_threads()
         self.device = resolve_device(device)
         check_site(spec, self.device)  # fp16 without a GPU, quantization without bitsandbytes: before any loading

@@ -106,6 +106,8 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     effective_batch = train.batch_size * train.grad_accum_steps
     schedule = batch_schedule(len(examples), effective_batch, train.local_epochs, train.max_steps, generator)
+    rates = [learning_rate(train, round_index, total_rounds, step, len(schedule))
+             for step in range(1, len(schedule) + 1)]  # before anything changes: a bad position is a ValueError
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     device = next(model.parameters()).device
@@ -117,11 +119,11 @@ def train_local(
 
     model.train()
     losses: list[float] = []
-    for step, indices in enumerate(schedule, start=1):
+    for step, (indices, rate) in enumerate(zip(schedule, rates, strict=True), start=1):
         for param_group in optimizer.param_groups:
-            param_group["lr"] = learning_rate(train, round_index, total_rounds, step, len(schedule))
+            param_group["lr"] = rate
         mine = group.shard(indices)
-        # This step's batches (one collate each; the lead's prepared-batch source plugs in here).
+        # The one place a step's batches are made: one per forward pass, from this process's share.
         batches = [training_batch(processor, [examples[i] for i in mine[start : start + train.batch_size]])
                    for start in range(0, len(mine), train.batch_size)]
         tokens = group.sum_scalar(float(sum(loss_tokens(b) for b in batches)), device)

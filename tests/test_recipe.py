@@ -189,3 +189,31 @@ def test_quantization_without_bitsandbytes_is_refused_in_one_line(tmp_path, digi
                                              r"""pip install 'fedvlm\[qlora\]'$"""):
         Learner(spec(quantization="nf4"), digits / "site_0", cache_dir=cache)
     assert not cache.exists()
+
+
+@pytest.mark.slow
+def test_a_cpu_site_given_an_fp16_run_exits_with_one_line(tmp_path, fedvlm_cache, digits):
+    """Through the real agent: the site that is asked to build the initial adapter stops with the reason."""
+    from .harness import Coordinator, start_site, wait_for
+
+    coord = Coordinator(tmp_path / "coord", """
+name = "fp16"
+[run]
+rounds = 1
+min_clients = 1
+clients_per_round = 1
+quorum = 1
+poll_interval = 0.2
+[task.train]
+precision = "fp16"
+""")
+    coord.start()
+    try:
+        site = start_site(coord, "site-1", digits / "site_0", tmp_path, fedvlm_cache)
+        wait_for(lambda: site.poll() is not None, 120, "the site to exit")
+    finally:
+        coord.kill()
+    assert site.returncode == 1
+    last = (tmp_path / "site-1.log").read_text().strip().splitlines()[-1]
+    assert last == ('error: cannot train this run here: task.train.precision = "fp16" needs a CUDA GPU and this '
+                    'site trains on cpu: use "bf16" or "fp32" for runs with CPU sites')
