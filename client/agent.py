@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import torch
 
 from fedvlm import adapters
-from fedvlm.algorithms import build as build_algorithm
-from fedvlm.algorithms.base import split_aux, with_aux
+from fedvlm.algorithms.base import split_aux
+from fedvlm.recipe import SiteSetupError
 from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest
 from fedvlm.spec import TaskSpec
@@ -28,6 +27,7 @@ from fedvlm.wire.v1 import federation_pb2 as pb
 from fedvlm.wire.v1 import federation_pb2_grpc
 
 from .identity import Identity, StateDir
+from .parallel import SiteWorkers, WorkerError
 from .transfer import Outbox, VerificationError, download_global, upload, verify_global_info
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,11 @@ class Activity:
 class Agent:
     def __init__(self, coordinator: str, identity: Identity, state: StateDir, data_dir: Path,
                  device: str = "cpu", cache_dir: Path | None = None, max_upload_rate: float = 0.0,
-                 lora_rank: int = 0) -> None:
+                 lora_rank: int = 0, workers: SiteWorkers | None = None) -> None:
+        """``workers``: the other ranks of this site's data-parallel group (``--nproc``), started by the caller;
+        this process is rank 0, the only one that talks to the coordinator."""
         self.coordinator = coordinator
+        self.workers = workers
         self.lora_rank = lora_rank  # site-local LoRA rank (0 = the task's); needs task.algorithm.lora_exact
         self.identity = identity
         self.state = state
@@ -81,7 +84,6 @@ class Agent:
         self._learner_key: tuple[str, int] | None = None
         self._poll_interval = 1.0
         self._contacted = False
-        self._global_aux: dict = {}  # aux tensors of the last global loaded (e.g. SCAFFOLD's server control variate)
         self.algorithm_state_dir = state.root / "algorithm"
 
     # -- main loop -------------------------------------------------------------------------------------------
@@ -170,8 +172,11 @@ class Agent:
             self._learner = None  # free the previous model before building the next one
             log.info("building model %s (%s, LoRA rank %d%s) on %s", spec.model, spec.strategy, rank or spec.lora.r,
                      " site-local" if rank else "", self.device)
-            self._learner = Learner(spec, self.data_dir, device=self.device, cache_dir=self.cache_dir,
-                                    lora_rank=rank)
+            try:
+                self._learner = Learner(spec, self.data_dir, device=self.device, cache_dir=self.cache_dir,
+                                        lora_rank=rank)
+            except (SiteSetupError, OSError) as exc:  # the run's recipe or model cannot be had on this site
+                raise FatalError(f"cannot train this run here: {exc}") from exc
             self._learner_key = (spec_json, rank)
             log.info("local data: %d train / %d test examples", self._learner.num_train_examples,
                      self._learner.num_test_examples)
@@ -194,31 +199,21 @@ class Agent:
             log.info("round %d: resuming the upload of the update already trained", task.round)
             self._upload(stub, pending)
             return
-        learner = self._load_global(stub, task)
+        learner, global_bytes = self._load_global(stub, task)
         self._report_eval(stub, task, learner)
         self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}")
 
         def progress(step: int, total: int) -> None:
             self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}: step {step}/{total}")
 
-        algorithm = build_algorithm(learner.spec.algorithm)
         client_state = self._algorithm_state(task.run_id, task.round)
-        hooks = []
-
-        def make_hook(params):
-            hooks.append(algorithm.client_hook(params, self._global_aux, client_state))
-            return hooks[-1]
-
-        result = learner.train_round(task.round, progress, make_hook=make_hook)
+        step = self._round_step(learner, task, global_bytes, client_state, progress)
+        result = step.result
         log.info("round %d: trained %d steps on %d examples in %.1fs (loss %.3f -> %.3f)", task.round, result.steps,
                  result.num_examples, result.seconds, result.loss_first, result.loss_last)
-        update = learner.adapter_state(task.round)  # the tensors this round trained (F-2stage)
-        sent_aux, new_state = hooks[0].finish(result.steps, learner.spec.train.lr)
-        expected = algorithm.expected_aux(update)
-        aux = {a: sent_aux[a] if a in sent_aux else torch.zeros_like(update[src]) for a, src in expected.items()}
-        if new_state:  # kept before the update exists, so a signed update in the outbox always has its state saved
-            self._save_algorithm_state(task.run_id, task.round, {**client_state, **new_state})
-        data = adapters.to_bytes(with_aux(update, aux))
+        if step.client_state:  # kept before the update exists, so a signed update in the outbox always has its state
+            self._save_algorithm_state(task.run_id, task.round, step.client_state)
+        data = adapters.to_bytes(step.wire_tensors())
         pending = self._sign_and_store(task, base.digest, data, result.num_examples)
         stub.ReportMetrics(pb.MetricsReport(
             run_id=task.run_id, round=task.round, kind="train",
@@ -226,8 +221,24 @@ class Agent:
                      "seconds": result.seconds, "num_examples": result.num_examples}), timeout=30)
         self._upload(stub, pending)
 
+    def _round_step(self, learner, task, global_bytes: bytes, client_state: dict, progress):
+        """The round on this site: ``Learner.federated_round`` in this process, or in every process of the
+        site's data-parallel group (``--nproc``), of which this one is rank 0."""
+        if learner.spec.train.lr_schedule == "cosine" and task.total_rounds < 1:
+            raise FatalError("task.train.lr_schedule = \"cosine\" spans the run's rounds, and this coordinator does "
+                             "not send their number (upgrade fedvlm-coord)")
+        global_state = adapters.from_bytes(global_bytes)
+        if self.workers is None:
+            return learner.federated_round(global_state, task.round, task.total_rounds, client_state, progress)
+        try:
+            self.workers.start_round(self._learner_key, global_bytes, task.round, task.total_rounds, client_state)
+        except WorkerError as exc:
+            raise FatalError(str(exc)) from exc
+        return learner.federated_round(global_state, task.round, task.total_rounds, client_state, progress,
+                                       group=self.workers.group)
+
     def _evaluate(self, stub, task) -> None:
-        learner = self._load_global(stub, task)
+        learner, _ = self._load_global(stub, task)
         self._report_eval(stub, task, learner)
 
     def _load_global(self, stub, task):
@@ -240,9 +251,9 @@ class Agent:
 
         data = download_global(stub, info, self.state.downloads, progress)
         learner = self.learner(task.task_spec_json)
-        tensors, self._global_aux = split_aux(adapters.from_bytes(data))
+        tensors, _ = split_aux(adapters.from_bytes(data))
         learner.load_global_state(tensors, task.round)  # re-factorised to a site-local --lora-rank
-        return learner
+        return learner, data
 
     # -- the algorithm's client state (e.g. SCAFFOLD's c_i) ---------------------------------------------------
     def _algorithm_state(self, run_id: str, round_index: int) -> dict:

@@ -44,14 +44,26 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
             "re-factorised to this rank on download (the best rank-R approximation of B·A below the global's rank, "
             "exact above it) and the coordinator averages the products B·A. The initial adapter is always built "
             "at the task's rank."),
+        nproc: int = typer.Option(
+            1, "--nproc", envvar="FEDVLM_NPROC",
+            help="Data-parallel processes that train each round (torch.distributed: NCCL on cuda:0..N-1, gloo on "
+            "CPU cores). The site still sends one signed update, equal to one process's up to float rounding: each "
+            "effective batch (task.train.batch_size x grad_accum_steps) is split over the processes. At most the "
+            "visible GPUs (or CPU cores)."),
         log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Join the federation (enrolling with the token the first time), then train rounds until the run ends."""
     setup_logging(log_level)
     from .agent import Agent, FatalError  # imports torch: after the cheap checks, so --help and errors are fast
+    from .parallel import SiteWorkers, check_nproc, rank_device
 
     if not (data.is_dir() or (data.is_file() and data.suffix == ".json")):
         typer.echo(f"error: --data {data} is not a directory or a .json file", err=True)
         raise typer.Exit(2)
+    try:
+        check_nproc(nproc, _device(device))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     state_dir = StateDir(state)
     identity = state_dir.load()
     try:
@@ -62,14 +74,23 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
                 raise typer.Exit(2)
             identity = state_dir.enroll(coordinator, join_token)
             typer.echo(f"enrolled as {identity.name} in federation {identity.federation_id[:12]}", err=True)
-        if threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(threads)
+        if threads or nproc > 1:  # the site's cores are shared by its processes
+            torch.set_num_threads(threads or max(1, torch.get_num_threads() // nproc))
         if cache:
             os.environ["FEDVLM_CACHE"] = str(cache)
-        Agent(coordinator, identity, state_dir, data, _device(device), cache,
-              max_upload_rate * 1e6, lora_rank=lora_rank).run()
+        workers = None
+        if nproc > 1:
+            workers = SiteWorkers(nproc, _device(device), data, cache, torch.get_num_threads(), log_level)
+            workers.start()
+        try:
+            Agent(coordinator, identity, state_dir, data,
+                  rank_device(_device(device), 0) if workers else _device(device), cache,
+                  max_upload_rate * 1e6, lora_rank=lora_rank, workers=workers).run()
+        finally:
+            if workers is not None:
+                workers.close()
     except (EnrollmentError, FatalError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -91,10 +91,11 @@ heartbeat_timeout = "60s"
 max_update_mb = 1024       # larger updates are refused
 
 [task]
-model = "tiny-llava"       # a built-in preset or "hf:<hub id or local path>"
+model = "tiny-llava"       # a built-in preset, "hf:<local path>" or "hf:<hub id>[@<revision>]"
 strategy = "F-CL"          # F-C connector | F-L LLM LoRA | F-CL both | F-2stage
 task_type = "classification"
 seed = 0
+# quantization = "nf4"     # none | nf4 | int8: QLoRA, the base quantized at load (sites need fedvlm[qlora])
 
 [task.lora]
 r = 8
@@ -103,8 +104,13 @@ dropout = 0.05
 
 [task.train]
 local_epochs = 1.0
-batch_size = 8
+batch_size = 8             # examples per forward pass of one process
 lr = 0.001
+# grad_accum_steps = 1     # an optimizer step takes batch_size * grad_accum_steps examples
+# precision = "fp32"       # fp32 | bf16 | fp16 (autocast; fp16 with a loss scaler, CUDA sites only)
+# gradient_checkpointing = false
+# lr_schedule = "constant" # constant | cosine (over all the run's rounds)
+# warmup_steps = 0
 
 [task.algorithm]           # docs/algorithms.md
 name = "fedavg"            # docs/algorithms.md: the algorithms and their keys

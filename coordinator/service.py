@@ -101,7 +101,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         base = dict(federation_id=self.federation_id, poll_interval_s=self.config.run.poll_interval)
         if run is None:
             return Pb.Assignment(action=Pb.ACTION_WAIT, message="no run yet", **base)
-        base.update(run_id=run.run_id, task_spec_json=run.task_json)
+        base.update(run_id=run.run_id, task_spec_json=run.task_json, total_rounds=run.config.rounds)
         if run.state is RunState.DONE:
             return Pb.Assignment(action=Pb.ACTION_FINISHED, round=run.round, message="run finished", **base)
         if run.state is RunState.INIT:

@@ -15,19 +15,23 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fedvlm.algorithms.base import ClientHook
+from fedvlm.algorithms import build as build_algorithm
+from fedvlm.algorithms.base import ClientHook, Tensors, split_aux
 from fedvlm.data.collate import BatchBuilder, encoder_for
 from fedvlm.data.llava_json import Example, load_llava_json
 from fedvlm.data.sources import resolve_site_data
+from fedvlm.data_parallel import SINGLE_PROCESS, DataParallel
+from fedvlm.recipe import check_site
 from fedvlm.spec import TaskSpec
 from fedvlm.tasks import MULTITASK, get_task, score_mixed
 from fedvlm.train import TrainResult, generate_answers, train_local
-from fedvlm.vlm.loading import load_base, resolve_device
+from fedvlm.vlm.loading import load_base, resolve_device, resolve_model
 from fedvlm.vlm.strategy import apply_strategy, set_stage, stage_for_round, stage_keys
 
 logger = logging.getLogger(__name__)
@@ -35,7 +39,27 @@ logger = logging.getLogger(__name__)
 THREADS_ENV = "FEDVLM_NUM_THREADS"
 SPLIT_FILES = {"train": "train.json", "test": "test.json"}
 
-__all__ = ["Learner", "TrainResult"]
+__all__ = ["Learner", "RoundUpdate", "TrainResult"]
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """A site's round (``Learner.federated_round``): ``update`` (the adapter tensors the round trained, CPU
+    float32, as ``adapter_state(round)``) and ``aux`` (the algorithm's extra tensors, exactly the names its
+    ``expected_aux`` asks for, without the wire prefix) together are the update file to sign and send;
+    ``client_state`` is the algorithm's client state to keep for the next round (the previous one updated; empty
+    for algorithms that keep none)."""
+
+    update: Tensors
+    aux: Tensors
+    client_state: Tensors
+    result: TrainResult
+
+    def wire_tensors(self) -> Tensors:
+        """The update file's tensors: ``update`` plus ``aux`` under the reserved prefix."""
+        from fedvlm.algorithms.base import with_aux
+
+        return with_aux(self.update, self.aux)
 
 
 def configure_threads() -> None:
@@ -66,8 +90,14 @@ class Learner:
         """``lora_rank``: a site-local LoRA rank instead of ``spec.lora.r`` (0 = the spec's), for sites with less
         memory or compute. Needs ``task.algorithm.lora_exact`` (averaging A and B separately needs equal ranks);
         the adapter then differs from the global's schema: load a global with ``load_global_state``. The site that
-        builds the initial adapter must use the spec's rank (that adapter defines the global's schema)."""
+        builds the initial adapter must use the spec's rank (that adapter defines the global's schema).
+
+        The recipe (``spec.train.precision``, ``spec.quantization``, gradient checkpointing) applies to the base;
+        the adapter is float32 in every case. ``SiteSetupError`` before anything is loaded if this site cannot
+        train the recipe on ``device`` (fedvlm.recipe.check_site); ``OSError`` if the model cannot be had."""
         configure_threads()
+        self.device = resolve_device(device)
+        check_site(spec, self.device)  # fp16 without a GPU, quantization without bitsandbytes: before any loading
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = the task's rank), got {lora_rank}")
         if lora_rank and lora_rank != spec.lora.r and not spec.algorithm.lora_exact:
@@ -75,14 +105,21 @@ class Learner:
                              "task.algorithm.lora_exact = true: plain averaging of lora_A and lora_B needs equal ranks")
         self.lora_rank = lora_rank or spec.lora.r
         self.spec = spec
-        self.device = resolve_device(device)
+        self.algorithm = build_algorithm(spec.algorithm)
         self.task = get_task(spec.task_type) if spec.task_type != MULTITASK else None
         # Data first: a bad dataset should fail before minutes of model loading on a real model.
         self.use_data(data_dir)
-        base, self.processor = load_base(spec.model, cache_dir=cache_dir, device=self.device)
-        self.base_model_path = str(base.name_or_path)
-        self.model = apply_strategy(base, spec.strategy, spec.lora, spec.seed, rank=self.lora_rank)
-        self.model.to(self.device)
+        self.source = resolve_model(spec.model, cache_dir)
+        base, self.processor = load_base(self.source, device=self.device, precision=spec.train.precision,
+                                         quantization=spec.quantization)
+        self.base_model_path = self.source.name  # what an exported adapter_config.json names as its base
+        self.model = apply_strategy(_prepare_for_training(base, spec), spec.strategy, spec.lora, spec.seed,
+                                    rank=self.lora_rank)
+        for param in self.model.parameters():  # the adapter trains and travels in float32 whatever the base's dtype
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        if spec.quantization == "none":  # a quantized base was placed at load
+            self.model.to(self.device)
         self.batches = BatchBuilder(encoder_for(self.model, self.processor))
         if self._examples["train"]:  # a processor or chat template that cannot encode this data fails now
             self.batches.warm(self._examples["train"][:1])
@@ -122,13 +159,14 @@ class Learner:
         return len(self._examples["test"])
 
     def base_model_digest(self) -> str:
-        """SHA-256 over the base model's ``*.safetensors`` files (sorted by name), or ``""`` if the base is not a
-        local directory. Equal digests on two sites mean byte-identical base weights."""
-        directory = Path(self.base_model_path)
-        if not directory.is_dir():
+        """SHA-256 over the base model's ``*.safetensors`` files (sorted by name) in its local directory: a preset's,
+        the ``hf:<dir>`` given, or a hub id's snapshot in the Hugging Face cache (``""`` if it holds none). Equal
+        digests on two sites mean byte-identical base weights, whether quantized at load or not."""
+        files = sorted(self.source.directory.glob("*.safetensors"))
+        if not files:
             return ""
         digest = hashlib.sha256()
-        for path in sorted(directory.glob("*.safetensors")):
+        for path in files:
             digest.update(path.name.encode() + b"\0")
             with path.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -200,6 +238,7 @@ class Learner:
         config = copy.deepcopy(self.model.peft_config["default"])
         config.inference_mode = True
         config.base_model_name_or_path = self.base_model_path
+        config.revision = self.source.revision
         auto_mapping = None
         if config.task_type is None:  # what PeftModel.save_pretrained records for a task-less adapter
             base = self.model.get_base_model()
@@ -220,20 +259,43 @@ class Learner:
         return {k: by_storage[v.data_ptr()] for k, v in self._peft_state().items() if v.data_ptr() in by_storage}
 
     def train_round(self, round_index: int, progress: Callable[[int, int], None] | None = None,
-                    make_hook: Callable[[dict[str, torch.nn.Parameter]], ClientHook] | None = None) -> TrainResult:
-        """Train the adapter in place for one round (``spec.train``) on ``train.json``.
+                    total_rounds: int = 0, hook: ClientHook | None = None,
+                    group: DataParallel = SINGLE_PROCESS) -> TrainResult:
+        """Train the adapter in place for round ``round_index`` of ``total_rounds`` (``spec.train``; the count is
+        only needed by a cosine or warm-up schedule) on ``train.json``, from the adapter as it is.
 
         Reproducible: the shuffle and dropout are seeded by (spec.seed, round_index, digest of train.json).
-        A fresh optimizer every round; ``make_hook(adapter_parameters())``, called once the round's stage is set,
-        gives the algorithm's client hook (loss term, gradient correction). ``ValueError`` if no training data.
+        A fresh optimizer every round; ``hook`` is an algorithm's client hook made once the round's stage is set
+        (``federated_round`` does that); ``group``: this process's place among the site's data-parallel processes,
+        which all call it alike. ``ValueError`` if no training data.
         """
         if not self._examples["train"]:
             raise ValueError("no training examples (Learner was built without data_dir or train.json is empty)")
         set_stage(self.model, self.stage(round_index))  # F-2stage: freeze the part this round does not train
         self.prepare_batches()
         return train_local(self.model, self.batches, self._examples["train"], self.spec.train,
-                           seed=self._round_seed(round_index), progress=progress,
-                           hook=make_hook(self.adapter_parameters()) if make_hook is not None else None)
+                           seed=self._round_seed(round_index), progress=progress, hook=hook,
+                           round_index=round_index, total_rounds=total_rounds, group=group)
+
+    def federated_round(self, global_state: Mapping[str, torch.Tensor], round_index: int, total_rounds: int,
+                        client_state: Mapping[str, torch.Tensor] | None = None,
+                        progress: Callable[[int, int], None] | None = None,
+                        group: DataParallel = SINGLE_PROCESS) -> RoundUpdate:
+        """A site's whole round: load ``global_state`` (the global as published: adapter tensors plus the
+        algorithm's aux tensors under the wire prefix), train with ``task.algorithm``'s client hook, and return the
+        update, its aux tensors and the new client state (``RoundUpdate``). ``client_state``: what the previous
+        round returned (empty at first). The one round step of the site agent and of the in-process benchmark."""
+        tensors, global_aux = split_aux(global_state)
+        self.load_global_state(tensors, round_index)
+        client_state = dict(client_state or {})
+        set_stage(self.model, self.stage(round_index))  # the hook sees exactly the parameters this round trains
+        hook = self.algorithm.client_hook(self.adapter_parameters(), global_aux, client_state)
+        result = self.train_round(round_index, progress, total_rounds, hook, group)
+        update = self.adapter_state(round_index)
+        sent_aux, new_state = hook.finish()
+        aux = {name: sent_aux[name] if name in sent_aux else torch.zeros_like(update[source])
+               for name, source in self.algorithm.expected_aux(update).items()}
+        return RoundUpdate(update=update, aux=aux, client_state={**client_state, **new_state}, result=result)
 
     def prepare_batches(self) -> None:
         """Encode the training examples with the model's processor now (up to the encode cache's budget, see
@@ -267,9 +329,29 @@ class Learner:
 
     def _score(self, examples: list[Example], label: str) -> dict[str, float]:
         train = self.spec.train
-        answers = generate_answers(self.model, self.batches, examples, train.eval_batch_size, train.max_new_tokens)
+        answers = generate_answers(self.model, self.batches, examples, train.eval_batch_size, train.max_new_tokens,
+                                   train.precision)
         # A record's own ``task`` field wins over the spec's task type (multi-task data).
         tasks = [ex.task or self.spec.task_type for ex in examples]
         metrics = score_mixed(tasks, answers, [ex.answer for ex in examples])
         logger.info("evaluate %s: %s (first answers %s)", label, metrics, answers[:3])
         return metrics
+
+
+def _prepare_for_training(base: torch.nn.Module, spec: TaskSpec) -> torch.nn.Module:
+    """The base as the recipe trains it: a quantized base through ``peft.prepare_model_for_kbit_training`` (its
+    norms and embeddings in float32), and gradient checkpointing when asked. Checkpointing is non-reentrant
+    (``use_reentrant=False``): with a frozen base the inputs of a checkpointed layer need no gradient (the reentrant
+    variant would drop the LoRA gradients unless ``enable_input_require_grads`` is hooked in), and it restores the
+    RNG state, so dropout masks and hence losses and gradients equal those without checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if spec.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=spec.train.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=kwargs)
+    if spec.train.gradient_checkpointing:
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ValueError(f"task.train.gradient_checkpointing: {type(base).__name__} does not support it")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return base

@@ -18,6 +18,9 @@ from fedvlm.tables import SpecError as SpecError  # the error of every config, i
 from fedvlm.tables import require as _require
 
 STRATEGIES = ("F-C", "F-L", "F-CL", "F-2stage")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+QUANTIZATIONS = ("none", "nf4", "int8")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,13 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Local training hyper-parameters of one round on one site."""
+    """Local training hyper-parameters of one round on one site, and the site-GPU recipe (docs/models.md).
+
+    An optimizer step sums the gradients of ``batch_size * grad_accum_steps`` examples (the effective batch), with
+    the loss a mean over every answer token of them, so accumulation equals one big batch; ``batch_size`` is what
+    one forward pass of one process holds (the memory knob). A site training with ``fedvlm-client --nproc N``
+    splits each effective batch over its N processes, so the run trains the same steps whatever a site's hardware.
+    """
 
     local_epochs: float = 1.0
     batch_size: int = 8
@@ -48,6 +57,14 @@ class TrainSpec:
     max_steps: int = 0  # 0 = no cap; otherwise stop a round after this many optimizer steps
     eval_batch_size: int = 32
     max_new_tokens: int = 4
+    # fp32 | bf16 | fp16: autocast dtype of forward passes; bf16/fp16 also hold the frozen base in that dtype.
+    # The adapter always trains and travels in float32; fp16 uses a loss scaler and needs a CUDA GPU.
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more compute
+    grad_accum_steps: int = 1
+    # constant | cosine: cosine decays lr to 0 over the whole run (all rounds' local steps), as in FedVLMBench.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0  # linear warm-up over the run's first local steps (either schedule)
 
     def __post_init__(self) -> None:
         _require(self.local_epochs > 0, "task.train.local_epochs", "must be > 0")
@@ -57,6 +74,15 @@ class TrainSpec:
         _require(self.max_steps >= 0, "task.train.max_steps", "must be >= 0")
         _require(self.eval_batch_size >= 1, "task.train.eval_batch_size", "must be >= 1")
         _require(self.max_new_tokens >= 1, "task.train.max_new_tokens", "must be >= 1")
+        _require(self.precision in PRECISIONS, "task.train.precision", f"must be one of {', '.join(PRECISIONS)}")
+        _require(isinstance(self.gradient_checkpointing, bool), "task.train.gradient_checkpointing",
+                 "must be true or false")
+        _require(_is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1, "task.train.grad_accum_steps",
+                 "must be an integer >= 1")
+        _require(self.lr_schedule in LR_SCHEDULES, "task.train.lr_schedule",
+                 f"must be one of {', '.join(LR_SCHEDULES)}")
+        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "task.train.warmup_steps",
+                 "must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,9 @@ class TaskSpec:
     # "xyxy-1000" = the same scaled to integers in [0, 1000] per axis (fedvlm.tasks.grounding).
     box_format: str = "xyxy-pixel"
     seed: int = 0
+    # none | nf4 | int8: QLoRA, the frozen base quantized by bitsandbytes at load (pip install 'fedvlm[qlora]');
+    # LoRA and the connector stay float32, so the update is the same as without and mixed sites can join one run.
+    quantization: str = "none"
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     # [task.algorithm]: the config class of the algorithm its `name` selects (fedvlm.algorithms, docs/algorithms.md).
@@ -93,6 +122,8 @@ class TaskSpec:
         _require(self.task_type in TASK_TYPES, "task.task_type", f"must be one of {', '.join(TASK_TYPES)}")
         _require(self.box_format in BOX_FORMATS, "task.box_format", f"must be one of {', '.join(BOX_FORMATS)}")
         _require(isinstance(self.seed, int), "task.seed", "must be an integer")
+        _require(self.quantization in QUANTIZATIONS, "task.quantization",
+                 f"must be one of {', '.join(QUANTIZATIONS)}")
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): equal specs give equal bytes; `from_json` reads it back."""
@@ -108,3 +139,7 @@ class TaskSpec:
     def from_dict(cls, raw: dict[str, Any]) -> TaskSpec:
         """Build and validate from a TOML/JSON table; unknown keys are errors, not silently ignored."""
         return from_table(cls, raw, "task")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

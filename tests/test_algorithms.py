@@ -133,7 +133,7 @@ def test_scaffold_hook_corrects_gradients_and_sends_the_mean_local_gradient():
         w.grad = raw.clone()
         hook.after_backward()
         assert torch.allclose(w.grad, raw + t(0.5 - 0.1, 0.0 - 0.2))  # g - c_i + c
-    aux, state = hook.finish(steps=2, lr=0.1)
+    aux, state = hook.finish()
     assert torch.allclose(state["w"], t(2.0, 0.0))  # c_i+ = the mean raw gradient, whatever the optimizer did
     assert torch.allclose(aux["scaffold.dc/w"], t(2.0, 0.0) - t(0.1, 0.2))
 
@@ -172,7 +172,7 @@ def run_federation(name: str, rounds: int = 80, local_steps: int = 5, lr: float 
                 hook.after_backward()
                 with torch.no_grad():
                     w -= lr * w.grad
-            aux, new_state = hook.finish(local_steps, lr)
+            aux, new_state = hook.finish()
             client_states[k] = {**client_states[k], **new_state}
             updates.append((1, {"w": w.detach().clone()}, aux))
         result = algorithm.aggregate(x, updates_of(*updates), state, r)

@@ -82,7 +82,7 @@ class ClientHook:
     def after_backward(self) -> None:
         """Called after ``loss.backward()`` and before clipping and the optimizer step: may edit ``.grad``."""
 
-    def finish(self, steps: int, lr: float) -> tuple[Tensors, Tensors]:
+    def finish(self) -> tuple[Tensors, Tensors]:
         """After the last step: (aux tensors to send with the update, new client state to keep on the site)."""
         return {}, {}
 

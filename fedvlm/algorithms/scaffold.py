@@ -72,7 +72,7 @@ class ScaffoldHook(ClientHook):
                 self.grad_sum[name].add_(p.grad.float())  # the raw local gradient, before the correction
                 p.grad.add_(self.correction[name])
 
-    def finish(self, steps: int, lr: float) -> tuple[Tensors, Tensors]:
+    def finish(self) -> tuple[Tensors, Tensors]:
         aux, state = {}, {}
         for name in self.params:
             new = (self.grad_sum[name].cpu() / self.grad_steps) if self.grad_steps else self.c_i[name]

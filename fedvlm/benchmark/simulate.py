@@ -2,9 +2,10 @@
 
 A round is what coordinator.rounds and client.agent do over the wire, without the wire:
 
-    sample clients (``sample_clients``, the coordinator's rule) -> for each sampled client, in name order: load the
-    global into the ONE resident model, switch to the client's data (``Learner.use_data``), train with the
-    algorithm's hook, keep ``adapter_state(round)`` + aux -> ``algorithm.aggregate`` -> ``next_global``.
+    sample clients (``sample_clients``, the coordinator's rule) -> for each sampled client, in name order: switch
+    the ONE resident model to the client's data (``Learner.use_data``), run the site's round step
+    (``Learner.federated_round``, as the agent does: global in, update + aux + client state out) ->
+    ``algorithm.aggregate`` -> ``next_global``.
 
 Global 0 is the adapter of a fresh Learner built from the trial's spec (what the real INIT site uploads). Bytes
 sent each way are the sizes of the safetensors files that would cross the wire. Baselines: ``centralized`` trains
@@ -26,11 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from fedvlm import adapters
 from fedvlm.algorithms import build
-from fedvlm.algorithms.base import ClientUpdate, Tensors, next_global, sample_clients, split_aux, with_aux
+from fedvlm.algorithms.base import ClientUpdate, Tensors, next_global, sample_clients, split_aux
 from fedvlm.benchmark.config import BenchConfig
 from fedvlm.benchmark.data import SiteData
 
@@ -99,7 +98,7 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
                 sampled = list(names)
             else:
                 sampled = sample_clients(f"bench-{exp.name}-{seed}", rnd, 0, names, exp.sampled_per_round)
-            base, global_aux = split_aux(global_state)
+            base, _ = split_aux(global_state)
             global_bytes = len(adapters.to_bytes(global_state)) if exp.baseline == "federated" else 0
             updates: list[ClientUpdate] = []
             round_up = 0
@@ -107,16 +106,13 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
             times: list[float] = []
             for name in sampled:
                 tick(f"round {rnd}/{exp.rounds}: {name}")
-                start = local_states[name] if exp.baseline == "local" else base
-                learner.load_global_state(start, rnd)
                 learner.use_data(data.union if name == "union" else site_of[name])
-                hooks = []
-
-                def make_hook(params, name=name, hooks=hooks, global_aux=global_aux):
-                    hooks.append(algorithm.client_hook(params, global_aux, client_states[name]))
-                    return hooks[-1]
-
-                result = learner.train_round(rnd, make_hook=make_hook if exp.baseline == "federated" else None)
+                if exp.baseline == "federated":
+                    step = learner.federated_round(global_state, rnd, exp.rounds, client_states[name])
+                    result = step.result
+                else:
+                    learner.load_global_state(local_states[name] if exp.baseline == "local" else base, rnd)
+                    result = learner.train_round(rnd, total_rounds=exp.rounds)
                 sim = result.steps * exp.step_seconds * (exp.straggler_slowdown if name in slow else 1.0)
                 times.append(sim)
                 record = {"round": rnd, "client": name, "num_examples": result.num_examples, "steps": result.steps,
@@ -126,17 +122,11 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
                     late.append(name)  # the coordinator refuses an update after the deadline: trained for nothing
                     record.update(late=True, bytes_up=0, bytes_down=global_bytes)
                 elif exp.baseline == "federated":
-                    update = learner.adapter_state(rnd)
-                    sent_aux, new_state = hooks[0].finish(result.steps, spec.train.lr)
-                    expected = algorithm.expected_aux(update)
-                    aux = {a: sent_aux[a] if a in sent_aux else torch.zeros_like(update[src])
-                           for a, src in expected.items()}
-                    if new_state:
-                        client_states[name] = {**client_states[name], **new_state}
-                    size = len(adapters.to_bytes(with_aux(update, aux)))
+                    client_states[name] = step.client_state
+                    size = len(adapters.to_bytes(step.wire_tensors()))
                     round_up += size
                     record.update(bytes_up=size, bytes_down=global_bytes)
-                    updates.append(ClientUpdate(float(result.num_examples), lambda u=update, a=aux: (u, a)))
+                    updates.append(ClientUpdate(float(result.num_examples), lambda s=step: (s.update, s.aux)))
                 else:
                     local_states[name] = learner.adapter_state()
                 clients_log.write(json.dumps(record, sort_keys=True) + "\n")

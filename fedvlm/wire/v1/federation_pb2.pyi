@@ -71,7 +71,7 @@ class GlobalInfo(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., record_json: _Optional[str] = ..., signature: _Optional[bytes] = ..., signer_cert_pem: _Optional[bytes] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("action", "federation_id", "run_id", "round", "task_spec_json", "global_version", "deadline_unix", "poll_interval_s", "message")
+    __slots__ = ("action", "federation_id", "run_id", "round", "task_spec_json", "global_version", "deadline_unix", "poll_interval_s", "message", "total_rounds")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Assignment(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     POLL_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     action: Action
     federation_id: str
     run_id: str
@@ -90,7 +91,8 @@ class Assignment(_message.Message):
     deadline_unix: float
     poll_interval_s: float
     message: str
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., federation_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_spec_json: _Optional[str] = ..., global_version: _Optional[_Union[GlobalInfo, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., poll_interval_s: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    total_rounds: int
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., federation_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_spec_json: _Optional[str] = ..., global_version: _Optional[_Union[GlobalInfo, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., poll_interval_s: _Optional[float] = ..., message: _Optional[str] = ..., total_rounds: _Optional[int] = ...) -> None: ...
 
 class FetchGlobalRequest(_message.Message):
     __slots__ = ("digest", "offset")
