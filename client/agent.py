@@ -187,7 +187,8 @@ class Agent:
         learner = self.learner(task.task_spec_json, initial=True)  # the task's rank: it defines the schema
         pending = self.outbox.get(task.run_id, 0)
         if pending is None:
-            metadata = {adapters.ADAPTER_CONFIG_METADATA: json.dumps(learner.adapter_config(), sort_keys=True)}
+            metadata = {adapters.ADAPTER_CONFIG_METADATA: json.dumps(learner.adapter_config(), sort_keys=True),
+                        adapters.BASE_MODEL_METADATA: learner.base_model_info()}
             data = adapters.to_bytes(learner.adapter_state(), metadata)
             pending = self._sign_and_store(task, signing.INITIAL_BASE, data, learner.num_train_examples)
         self._upload(stub, pending)
@@ -251,6 +252,12 @@ class Agent:
 
         data = download_global(stub, info, self.state.downloads, progress)
         learner = self.learner(task.task_spec_json)
+        from fedvlm.learner import BaseModelMismatch
+
+        try:  # before anything is trained on it
+            learner.check_base_model(adapters.metadata_of(data).get(adapters.BASE_MODEL_METADATA))
+        except BaseModelMismatch as exc:
+            raise FatalError(f"cannot train this run here: {exc}") from exc
         tensors, _ = split_aux(adapters.from_bytes(data))
         learner.load_global_state(tensors, task.round)  # re-factorised to a site-local --lora-rank
         return learner, data

@@ -139,6 +139,15 @@ class RoundDriver:
                         len(accepted), cfg.quorum)
         return True
 
+    def _carried_metadata(self, run: Run, base_digest: str) -> dict[str, str] | None:
+        """What every global carries from the initial adapter: its PEFT adapter config (for export) and the record
+        of its base model (sites check theirs against it), copied from the global the round started from."""
+        metadata = {adapters.ADAPTER_CONFIG_METADATA: run.adapter_config} if run.adapter_config else {}
+        base_model = adapters.read_metadata(self.blobs.path(base_digest)).get(adapters.BASE_MODEL_METADATA)
+        if base_model:
+            metadata[adapters.BASE_MODEL_METADATA] = base_model
+        return metadata or None
+
     def _aggregate(self, run: Run, rnd: Round, accepted: list[str]) -> None:
         """Aggregate the round's accepted updates into its global and publish it (see `State.publish_global`)."""
         updates = self.state.accepted_updates(run.run_id, run.round)
@@ -148,8 +157,7 @@ class RoundDriver:
         # The state saved with the previous global: a redone (interrupted) aggregation starts from the same state.
         result = algorithm.aggregate(base, loaders, self._server_state(run, algorithm, base), run.round)
         merged = next_global(base, result)  # tensors no update carries (a frozen stage) keep the base's values
-        metadata = {adapters.ADAPTER_CONFIG_METADATA: run.adapter_config} if run.adapter_config else None
-        digest = self.blobs.put_bytes(adapters.to_bytes(merged, metadata))
+        digest = self.blobs.put_bytes(adapters.to_bytes(merged, self._carried_metadata(run, rnd.base_digest)))
         state_ref = self._put_server_state(run, run.round, result.state)
         record, signature = self._sign_global(run, run.round, digest, parent=rnd.base_digest,
                                               contributors=[u.digest for u in updates])

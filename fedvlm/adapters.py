@@ -48,6 +48,9 @@ Schema = dict[str, tuple[tuple[int, ...], str]]
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Safetensors metadata key under which the initial adapter carries its PEFT adapter_config.json (as JSON).
 ADAPTER_CONFIG_METADATA = "fedvlm.adapter_config"
+# ... and the base model it was built on (JSON: the task's model, the SHA-256 of the base weights), carried by every
+# global, so each site checks that its own base is the same before it trains.
+BASE_MODEL_METADATA = "fedvlm.base_model"
 _SHOWN = 5  # how many offending keys each part of a schema-mismatch message lists
 
 # Byte-aligned safetensors dtypes and their item sizes; sub-byte formats (F4, F6_*) are not accepted.
@@ -218,6 +221,14 @@ def read_schema(data: bytes) -> Schema:
     view = memoryview(data)
     n = _header_length(bytes(view[:8]), len(view))
     return _parse_header(bytes(view[8 : 8 + n]), len(view) - 8 - n)[0]
+
+
+def metadata_of(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (``{}`` if absent), after validating the header as
+    :func:`read_schema` does."""
+    view = memoryview(data)
+    n = _header_length(bytes(view[:8]), len(view))
+    return _parse_header(bytes(view[8 : 8 + n]), len(view) - 8 - n)[1]
 
 
 def read_file_schema(path: Path) -> Schema:

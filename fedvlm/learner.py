@@ -75,6 +75,10 @@ def configure_threads() -> None:
         torch.set_num_threads(threads)
 
 
+class BaseModelMismatch(ValueError):
+    """This site's base weights are not the ones the run's initial adapter was built on."""
+
+
 class Learner:
     """One site's model and data for a task spec.
 
@@ -110,6 +114,7 @@ class Learner:
         # Data first: a bad dataset should fail before minutes of model loading on a real model.
         self.use_data(data_dir)
         self.source = resolve_model(spec.model, cache_dir)
+        self._base_digest: str | None = None
         base, self.processor = load_base(self.source, device=self.device, precision=spec.train.precision,
                                          quantization=spec.quantization)
         self.base_model_path = self.source.name  # what an exported adapter_config.json names as its base
@@ -161,17 +166,39 @@ class Learner:
     def base_model_digest(self) -> str:
         """SHA-256 over the base model's ``*.safetensors`` files (sorted by name) in its local directory: a preset's,
         the ``hf:<dir>`` given, or a hub id's snapshot in the Hugging Face cache (``""`` if it holds none). Equal
-        digests on two sites mean byte-identical base weights, whether quantized at load or not."""
-        files = sorted(self.source.directory.glob("*.safetensors"))
-        if not files:
-            return ""
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(path.name.encode() + b"\0")
-            with path.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        digests on two sites mean byte-identical base weights, whether quantized at load or not. Computed once."""
+        if self._base_digest is None:
+            digest = hashlib.sha256()
+            files = sorted(self.source.directory.glob("*.safetensors"))
+            for path in files:
+                digest.update(path.name.encode() + b"\0")
+                with path.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+            self._base_digest = digest.hexdigest() if files else ""
+        return self._base_digest
+
+    def base_model_info(self) -> str:
+        """What the initial adapter records about its base (``adapters.BASE_MODEL_METADATA``): JSON of the task's
+        model and ``base_model_digest()``."""
+        return json.dumps({"model": self.spec.model, "sha256": self.base_model_digest()}, sort_keys=True)
+
+    def check_base_model(self, recorded: str | None) -> None:
+        """``BaseModelMismatch`` (one line) when ``recorded`` (a global's ``base_model_info``, None for runs started
+        before globals carried it) names other base weights than this site's: an update trained on another base
+        would be averaged into a global it does not fit."""
+        if not recorded:
+            return
+        try:
+            expected = json.loads(recorded)["sha256"]
+        except (ValueError, KeyError, TypeError):
+            raise BaseModelMismatch(f"the run's global names its base model unreadably: {recorded[:80]!r}") from None
+        mine = self.base_model_digest()
+        if expected and mine != expected:
+            raise BaseModelMismatch(
+                f"this site's base model for {self.spec.model!r} ({self.source.directory}, weights sha256 "
+                f"{mine[:12] or 'none'}) differs from the run's (sha256 {expected[:12]}, from the site that built "
+                "the initial adapter): use the same checkpoint, revision and fedvlm version as the other sites")
 
     # ---- adapter tensors --------------------------------------------------------------------------------------
     def _peft_state(self) -> dict[str, torch.Tensor]:
