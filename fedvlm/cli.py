@@ -28,7 +28,7 @@ def demo(workdir: Path = typer.Option(Path("demo-output"), "--workdir", help="Wh
                                     "presets, 3 for the pretrained ones)."),
          seed: int = typer.Option(0, "--seed"),
          model: str = typer.Option("tiny-llava", "--model", help="Model preset (`fedvlm models list`), e.g. "
-                                   "smollm2-effnet-mlp2x: pretrained, about 6 minutes for 3 rounds on 2 cores.")
+                                   "smollm2-effnet-mlp2x: pretrained, about 8 minutes for 3 rounds on 2 cores.")
          ) -> None:
     """A real local federation: coordinator + client processes over mutual TLS on 127.0.0.1."""
     from fedvlm.demo import DemoError, accuracy_table, run_demo
