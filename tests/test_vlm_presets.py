@@ -43,8 +43,8 @@ def test_concurrent_builder_loses_the_rename_cleanly(tmp_path, fedvlm_cache, mon
     final = cache / "models" / winner.name
     real_build = presets._build_into
 
-    def build_while_another_process_finishes_first(name, preset, out):
-        real_build(name, preset, out)
+    def build_while_another_process_finishes_first(name, preset, out, root):
+        real_build(name, preset, out, root)
         shutil.copytree(winner, final)  # the other process renames its copy into place first
 
     monkeypatch.setattr(presets, "_build_into", build_while_another_process_finishes_first)

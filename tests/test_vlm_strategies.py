@@ -16,7 +16,7 @@ from fedvlm import adapters
 from fedvlm.learner import Learner
 from fedvlm.spec import SpecError, TaskSpec, TrainSpec
 from fedvlm.train import generate_answers
-from fedvlm.vlm.presets import PRESETS, parameter_counts
+from fedvlm.vlm.presets import TINY_PRESETS, parameter_counts
 from fedvlm.vlm.strategy import find_parts
 
 STRATEGIES = ("F-C", "F-L", "F-CL", "F-2stage")
@@ -75,7 +75,7 @@ def expected_trainable(learner: Learner, stage: str | None) -> set[str]:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
 def test_strategy_trains_exactly_its_parameters(fedvlm_cache, small_sites, preset, strategy):
     learner = Learner(task(preset, strategy), small_sites[0])
     full = learner.adapter_state()
@@ -162,7 +162,7 @@ def test_exported_adapter_loads_with_peft_and_carries_the_connector(fedvlm_cache
 
 
 def test_connectors_and_families_are_what_the_presets_say(fedvlm_cache):
-    counts = {name: parameter_counts(name) for name in PRESETS}
+    counts = {name: parameter_counts(name) for name in TINY_PRESETS}
     assert counts["tiny-encoder-free"]["vision"] == 0
     assert counts["tiny-llava-linear"]["connector"] == 64 * 128 + 128  # one Linear(vision 64 -> text 128)
     assert counts["tiny-llava"]["connector"] == 64 * 128 + 128 + 128 * 128 + 128
@@ -198,7 +198,7 @@ def test_models_cli_lists_and_builds(fedvlm_cache, tmp_path):
     runner = CliRunner()
     listed = runner.invoke(app, ["models", "list"])
     assert listed.exit_code == 0, listed.output
-    for name in PRESETS:
+    for name in TINY_PRESETS:
         assert name in listed.output
     assert "encoder-free" in listed.output and "482,944" in listed.output
     built = runner.invoke(app, ["models", "build", "tiny-encoder-free", "--out", str(tmp_path / "m")])

