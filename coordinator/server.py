@@ -36,8 +36,9 @@ from .enrollment import Enroller
 from .intake import Intake
 from .layout import FederationDir
 from .rounds import RoundDriver
+from .runs import ConfigWatch, check_serve_config
 from .service import AdminService, EnrollmentService, FederationService
-from .state import RunState, State
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,14 @@ class Coordinator:
         self._driver_thread: threading.Thread | None = None
 
     def start(self) -> Bound:
+        check_serve_config(self.fed, self.state)  # an edited federation.toml is never silently ignored
         self.driver.ensure_run()
         self.driver.tick()
         main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
         federation_pb2_grpc.add_FederationServicer_to_server(
             FederationService(self.state, self.blobs, self.intake, self.config, self.federation_id,
                               self.fed.server_cert.read_bytes()), main)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.state, self.config), main)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.state, self.config, self.fed), main)
         creds = mtls_server_credentials(self.fed.server_key.read_bytes(), self.fed.server_cert.read_bytes(),
                                         self.fed.ca_cert.read_bytes())
         main_port = main.add_secure_port(self.listen, creds)
@@ -110,15 +112,21 @@ class Coordinator:
 
     def run_finished(self) -> bool:
         run = self.state.current_run()
-        return run is not None and run.state is RunState.DONE
+        return run is not None and not run.state.active
 
     def wait(self, exit_when_done: bool = False) -> None:
-        """Block until SIGINT/SIGTERM (or, with exit_when_done, until the run is done and sites were told)."""
+        """Block until SIGINT/SIGTERM (or, with exit_when_done, until the run is over and sites were told). Every
+        few seconds, federation.toml is compared with the current run (a difference is logged once)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
+        watch = ConfigWatch(self.fed, self.state)
+        ticks = 0
         while not self._stop.wait(0.5):
+            if ticks % 10 == 0:
+                watch.check()
+            ticks += 1
             if exit_when_done and self.run_finished():
-                self._stop.wait(3 * self.config.run.poll_interval)  # let polling sites hear "finished"
+                self._stop.wait(3 * self.state.current_run().config.poll_interval)  # let polling sites hear it
                 break
         self.stop()
 
