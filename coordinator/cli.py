@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import sys
 import time
 import uuid
@@ -22,6 +24,7 @@ from fedvlm.status_view import change_key, client_table, render, rounds_table, r
 from .audit import AuditError, verify_audit
 from .blobs import BlobStore
 from .config import DEFAULT_TOML, FederationConfig
+from .dashboard import issue_dashboard_token
 from .enrollment import Enroller, check_site_name
 from .layout import FederationDir
 from .runs import ConfigConflict, config_source, find_run, new_run
@@ -63,14 +66,16 @@ def init(dir: Path = DirOpt,
          host: str = typer.Option("localhost", "--host", help="Comma-separated DNS names / IPs clients use to "
                                   "reach the coordinator (certificate SANs)."),
          name: str = typer.Option("fedvlm", "--name", help="Federation name (CA common name).")) -> None:
-    """Create a federation: CA, server and admin certificates, state database, a default federation.toml."""
+    """Create a federation: CA, server and admin certificates, state database, a default federation.toml, and the
+    dashboard token. Secrets are 0600 in a 0700 directory."""
     fed = FederationDir(dir)
     if fed.database.exists() or fed.ca_cert.exists():
         fail(f"{dir} already holds a federation; refusing to overwrite it")
     hosts = [h.strip() for h in host.split(",") if h.strip()]
     if not hosts:
         fail("--host needs at least one name")
-    fed.pki.mkdir(parents=True, exist_ok=True)
+    private_dir(fed.root)
+    private_dir(fed.pki)
     ca_key, ca_cert = pki.create_ca(name)
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
     admin_key = pki.generate_key()
@@ -83,13 +88,39 @@ def init(dir: Path = DirOpt,
     pki.write_public(fed.admin_cert, pki.cert_to_pem(admin_cert))
     if not fed.config.exists():
         fed.config.write_text(DEFAULT_TOML.format(name=name))
+    os.close(os.open(fed.database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # SQLite's -wal/-shm copy its mode
     state = State(fed.database)
     state.init_federation(uuid.uuid4().hex, pki.fingerprint(ca_cert))
+    token = issue_dashboard_token(state)
     state.close()
-    console.print(f"federation [bold]{name}[/] created in {dir}")
-    console.print(f"  CA fingerprint (sha256): {pki.fingerprint(ca_cert)}")
-    console.print(f"  server certificate for: {', '.join(hosts)}")
-    console.print(f"  edit {fed.config}, then: fedvlm-coord enroll SITE --dir {dir}; fedvlm-coord serve --dir {dir}")
+    # Plain lines, never wrapped: the fingerprint, the token and each command can be copied as they are.
+    typer.echo(f"federation {name} created in {dir}")
+    typer.echo(f"server certificate for: {', '.join(hosts)}")
+    typer.echo("CA fingerprint (sha256):")
+    typer.echo(f"  {pki.fingerprint(ca_cert)}")
+    typer.echo("dashboard token (shown once; `fedvlm-coord dashboard-token` issues a new one):")
+    typer.echo(f"  {token}")
+    typer.echo("next:")
+    typer.echo(f"  {shlex.quote(os.environ.get('EDITOR', 'vi'))} {shlex.quote(str(fed.config))}")
+    typer.echo(f"  fedvlm-coord enroll SITE --dir {shlex.quote(str(dir))}")
+    typer.echo(f"  fedvlm-coord serve --dir {shlex.quote(str(dir))}")
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` with mode 0700; an existing directory of this user is set to 0700 too (one of another owner,
+    e.g. a volume mounted for a group, is left as it is)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+
+
+@app.command("dashboard-token")
+def dashboard_token(dir: Path = DirOpt) -> None:
+    """Issue a new dashboard token (the previous one stops working) and print it."""
+    _, state = _open(dir)
+    token = issue_dashboard_token(state)
+    state.close()
+    typer.echo(token)
 
 
 @app.command()
@@ -123,6 +154,9 @@ def serve(dir: Path = DirOpt,
                                             help="Enrollment port (token-authenticated, no TLS)."),
           metrics_listen: str = typer.Option("", "--metrics-listen",
                                              help="Serve Prometheus /metrics on HOST:PORT (off by default)."),
+          dashboard_listen: str = typer.Option("", "--dashboard-listen",
+                                               help="Serve the read-only web dashboard on HOST:PORT (HTTPS; the admin "
+                                               "certificate or the dashboard token from `init`). Off by default."),
           exit_when_done: bool = typer.Option(False, "--exit-when-done", help="Exit once the run has finished."),
           log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Run the coordinator daemon (restart-safe: it resumes the run and round it was in)."""
@@ -132,7 +166,7 @@ def serve(dir: Path = DirOpt,
     from .server import Coordinator
 
     try:
-        coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None)
+        coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None, dashboard_listen or None)
         coordinator.start()
     except (SpecError, StateError, OSError, ConfigConflict) as exc:
         fail(str(exc))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
@@ -33,7 +35,10 @@ class RoundDriver:
     """Advances the current run; call `tick()` periodically or after `wake()`. Time is the state's clock."""
 
     def __init__(self, state: State, blobs: BlobStore, config: FederationConfig, federation_id: str,
-                 signer_key: EllipticCurvePrivateKey) -> None:
+                 signer_key: EllipticCurvePrivateKey,
+                 on_published: Callable[[float, float], None] | None = None) -> None:
+        """``on_published(aggregation seconds, round seconds)`` is called after each round's global is published."""
+        self.on_published = on_published
         self.state = state
         self.blobs = blobs
         self.config = config
@@ -137,6 +142,7 @@ class RoundDriver:
 
     def _aggregate(self, run: Run, rnd: Round, accepted: list[str]) -> None:
         """Aggregate the round's accepted updates into its global and publish it (see `State.publish_global`)."""
+        started = time.monotonic()
         updates = self.state.accepted_updates(run.run_id, run.round)
         algorithm = build(run.task.algorithm)
         base, _ = split_aux(dict(adapters.iter_file_tensors(self.blobs.path(rnd.base_digest))))
@@ -160,6 +166,8 @@ class RoundDriver:
             self.state.publish_global(run.run_id, run.round, record, signature, state_ref, result.metrics, Next.DONE)
         log.info("round %d/%d aggregated from %s -> global %s", run.round, cfg.rounds, ", ".join(accepted),
                  digest[:12])
+        if self.on_published:
+            self.on_published(time.monotonic() - started, self.state.now() - rnd.started_at)
 
     def _loader(self, digest: str):
         def load():

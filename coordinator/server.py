@@ -32,6 +32,7 @@ from fedvlm.wire.v1 import (
 
 from .blobs import BlobStore
 from .config import FederationConfig
+from .dashboard import Dashboard
 from .enrollment import Enroller
 from .intake import Intake
 from .layout import FederationDir
@@ -39,6 +40,7 @@ from .rounds import RoundDriver
 from .runs import ConfigWatch, check_serve_config
 from .service import AdminService, EnrollmentService, FederationService
 from .state import State
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ class Bound:
 class Coordinator:
     """Everything a running coordinator holds; `start()` binds the ports, `stop()` shuts down cleanly."""
 
-    def __init__(self, fed: FederationDir, listen: str, enroll_listen: str, metrics_listen: str | None = None):
+    def __init__(self, fed: FederationDir, listen: str, enroll_listen: str, metrics_listen: str | None = None,
+                 dashboard_listen: str | None = None):
         self.fed = fed
         self.config = FederationConfig.load(fed.config)
         self.state = State(fed.database)
@@ -60,12 +63,15 @@ class Coordinator:
         self.blobs = BlobStore(fed.blobs)
         self.ca_cert = pki.load_cert_pem(fed.ca_cert.read_bytes())
         self.server_key = pki.load_key_pem(fed.server_key.read_bytes())
-        self.driver = RoundDriver(self.state, self.blobs, self.config, self.federation_id, self.server_key)
+        self.telemetry = Telemetry(self.state)
+        self.driver = RoundDriver(self.state, self.blobs, self.config, self.federation_id, self.server_key,
+                                  on_published=self.telemetry.round_published)
         self.intake = Intake(self.state, self.blobs, fed.uploads, self.federation_id,
                              self.config.run.max_update_bytes, self.driver.wake)
         self.enroller = Enroller(self.state, pki.load_key_pem(fed.ca_key.read_bytes()), self.ca_cert,
                                  self.federation_id)
         self.listen, self.enroll_listen, self.metrics_listen = listen, enroll_listen, metrics_listen
+        self.dashboard = Dashboard(fed, self.state, dashboard_listen) if dashboard_listen else None
         self._stop = threading.Event()
         self._servers: list[grpc.Server] = []
         self._driver_thread: threading.Thread | None = None
@@ -74,7 +80,9 @@ class Coordinator:
         check_serve_config(self.fed, self.state)  # an edited federation.toml is never silently ignored
         self.driver.ensure_run()
         self.driver.tick()
-        main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+        interceptors = [self.telemetry.interceptor()]
+        main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
+                           interceptors=interceptors)
         federation_pb2_grpc.add_FederationServicer_to_server(
             FederationService(self.state, self.blobs, self.intake, self.config, self.federation_id,
                               self.fed.server_cert.read_bytes()), main)
@@ -82,7 +90,8 @@ class Coordinator:
         creds = mtls_server_credentials(self.fed.server_key.read_bytes(), self.fed.server_cert.read_bytes(),
                                         self.fed.ca_cert.read_bytes())
         main_port = main.add_secure_port(self.listen, creds)
-        enroll = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+        enroll = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
+                             interceptors=interceptors)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(self.enroller), enroll)
         enroll_port = enroll.add_insecure_port(self.enroll_listen)
         if not main_port or not enroll_port:
@@ -98,15 +107,15 @@ class Coordinator:
             server.start()
             self._servers.append(server)
         if self.metrics_listen:
-            from .metrics import start_metrics
-
-            start_metrics(self.metrics_listen, self.state)
+            self.telemetry.serve(self.metrics_listen)
         self._driver_thread = threading.Thread(target=self.driver.loop, args=(self._stop,), daemon=True,
                                                name="round-driver")
         self._driver_thread.start()
         bound = Bound(_with_port(self.listen, main_port), _with_port(self.enroll_listen, enroll_port))
-        write_bytes_atomic(self.fed.address_file, json.dumps(
-            {"federation": bound.federation, "enrollment": bound.enrollment, "pid": os.getpid()}).encode())
+        addresses = {"federation": bound.federation, "enrollment": bound.enrollment, "pid": os.getpid()}
+        if self.dashboard:
+            addresses["dashboard"] = self.dashboard.start()
+        write_bytes_atomic(self.fed.address_file, json.dumps(addresses).encode())
         log.info("serving federation on %s (mTLS), enrollment on %s", bound.federation, bound.enrollment)
         return bound
 
@@ -132,6 +141,8 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.dashboard:
+            self.dashboard.stop()
         for server in self._servers:
             server.stop(grace=2).wait()
         if self._driver_thread:
