@@ -39,7 +39,7 @@ run_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Runs: each a schedule and task in this federation (docs/operations.md, \"Runs\").")
 app.add_typer(run_app, name="run")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
 
 DirOpt = typer.Option(Path("fedvlm-federation"), "--dir", "-d", envvar="FEDVLM_DIR", help="Federation state directory.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -278,6 +278,40 @@ def rounds(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = C
         typer.echo(json.dumps(s["rounds"], indent=2, sort_keys=True))
     else:
         console.print(rounds_table(s))
+
+
+@app.command()
+def health(dir: Path = DirOpt,
+           coordinator: str = typer.Option("", "--coordinator", help="HOST:PORT of the federation port (default: "
+                                           "127.0.0.1 and the port `serve` recorded, else 50051)."),
+           timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for the answer.")) -> None:
+    """Exit 0 if the daemon's federation port answers gRPC health SERVING over mutual TLS with the admin
+    certificate: the container and Kubernetes probe, so the enrollment port can be closed once sites joined."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedvlm.wire.credentials import mtls_channel
+
+    fed = FederationDir(dir)
+    if not coordinator:
+        port = 50051
+        if fed.address_file.exists():
+            port = int(json.loads(fed.address_file.read_text())["federation"].rsplit(":", 1)[1])
+        coordinator = f"127.0.0.1:{port}"
+    try:
+        server_cert = pki.load_cert_pem(fed.server_cert.read_bytes())
+        channel = mtls_channel(coordinator, fed.admin_key.read_bytes(), fed.admin_cert.read_bytes(),
+                               fed.ca_cert.read_bytes(), server_name=pki.cert_hosts(server_cert)[0])
+    except (OSError, ValueError) as exc:
+        fail(f"cannot probe with {dir}'s admin certificate: {exc}")
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            fail(f"{coordinator}: {exc.code().name}: {exc.details()}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        fail(f"{coordinator}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    typer.echo(f"{coordinator}: SERVING")
 
 
 @app.command()

@@ -32,7 +32,7 @@ COORD_DOCKERFILE = ROOT / "Dockerfile.coordinator"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 K8S = ROOT / "deploy" / "k8s" / "coordinator.yaml"
 EXAMPLE_CONFIG = ROOT / "deploy" / "federation.example.toml"
-HEALTH_TARGET = "127.0.0.1:50052"  # what the coordinator image's HEALTHCHECK probes
+HEALTH_DIR = "/federation"  # the state directory the coordinator image's HEALTHCHECK reads its certificate from
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -106,7 +106,7 @@ def run(argv: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def probe_live_coordinator(coord: Path, fed: Path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """Run the image's HEALTHCHECK against `serve` on loopback ports, then again once the daemon is gone."""
     probe = healthcheck_cmd(COORD_DOCKERFILE)
-    assert probe[0] == "python" and any(HEALTH_TARGET in part for part in probe), probe
+    assert probe[:2] == ["fedvlm-coord", "health"] and HEALTH_DIR in probe, probe
     serve = subprocess.Popen([str(coord), "serve", "--dir", str(fed), "--listen", "127.0.0.1:0",
                               "--enroll-listen", "127.0.0.1:0"], cwd=fed, env=plain_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -117,9 +117,8 @@ def probe_live_coordinator(coord: Path, fed: Path) -> tuple[subprocess.Completed
             assert serve.poll() is None, f"serve exited with {serve.returncode}: {serve.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "serve did not bind its ports in 90 s"
             time.sleep(0.1)
-        enrollment = json.loads(address_file.read_text())["enrollment"]
-        probe = [sys.executable, *(part.replace(HEALTH_TARGET, enrollment) for part in probe[1:])]
-        healthy = run(probe, fed)
+        probe = [str(coord), *(str(fed) if part == HEALTH_DIR else part for part in probe[1:])]
+        healthy = run(probe, fed)  # through the federation port, over mutual TLS: the enrollment port is not used
     finally:
         serve.terminate()
         serve.wait(timeout=30)
@@ -280,7 +279,10 @@ def test_compose_and_kubernetes_coordinator_commands_parse():
     (init,) = stateful["template"]["spec"]["initContainers"]
     init_argv = shlex.split(init["command"][-1].split("||")[-1])  # sh -c "test -e ... || fedvlm-coord init ..."
     assert init_argv[:4] == ["fedvlm-coord", "init", "--dir", "/federation"], init_argv
-    for argv in (compose["services"]["coordinator"]["command"], container["args"], init_argv[1:]):
+    probes = [container[p]["exec"]["command"] for p in ("readinessProbe", "livenessProbe")]
+    assert all(p == healthcheck_cmd(COORD_DOCKERFILE) for p in probes), "probe 50051 as the image does"
+    for argv in (compose["services"]["coordinator"]["command"], container["args"], init_argv[1:],
+                 *(p[1:] for p in probes)):
         if argv[0] == "serve":
             assert argv[:3] == exec_form(COORD_DOCKERFILE, "CMD")
         result = CliRunner().invoke(coord_app, [*argv, "--help"])  # an unknown option fails before --help

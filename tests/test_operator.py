@@ -3,6 +3,7 @@ and the clear one-line errors of bad input."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
@@ -22,7 +24,7 @@ from fedvlm.wire.credentials import mtls_channel
 from fedvlm.wire.v1 import admin_pb2, admin_pb2_grpc
 from fedvlm.wire.v1 import federation_pb2 as pb
 
-from .harness import Coordinator, RawSite, coord_cli, rpc_code
+from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -94,18 +96,69 @@ def test_remote_status_needs_the_admin_certificate(ops):
     out = coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root), "--json")
     assert '"live": true' in out and '"alpha"' in out
     table = coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root))
-    assert "alpha" in table and "round 0 of 1" in table
+    assert "alpha" in table and "waiting for the initial adapter, then 1 rounds" in " ".join(table.split())
     admin_as_site = admin_pb2_grpc.AdminStub(site.channel)
     assert rpc_code(lambda: admin_as_site.GetStatus(admin_pb2.StatusRequest(), timeout=5)) == \
         grpc.StatusCode.PERMISSION_DENIED
 
 
 @pytest.mark.slow
-def test_prometheus_metrics_show_the_run_and_the_sites(ops):
+def test_remote_and_local_json_are_the_same_document(ops):
+    coord, _, _ = ops
+    remote = json.loads(coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root), "--json"))
+    local = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
+    assert remote.pop("live") is True and local.pop("live") is False
+    remote.pop("now_unix"), local.pop("now_unix")
+    for doc in (remote, local):
+        for client in doc["clients"]:
+            client.pop("last_heartbeat_unix")  # alpha may poll between the two reads
+    assert remote == local
+    assert set(local) == {f.name for f in admin_pb2.FederationStatus.DESCRIPTOR.fields} - {"live", "now_unix"}
+    assert local["phase"] == "init" and isinstance(local["clients"][0]["bytes_total"], int)
+
+
+@pytest.mark.slow
+def test_prometheus_metrics_follow_the_conventions_with_counters_and_histograms(ops):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    coord, site, _ = ops
+    task = site.poll()
+    data = tensors_bytes({"w": torch.zeros(2, 2)})
+    if task.action == pb.ACTION_INIT:  # alpha builds run 1's initial adapter: one accepted update
+        site.send(site.manifest(task, data), data)
+    bad = site.manifest(task, data, round=5)
+    assert rpc_code(lambda: site.send(bad, data)) == grpc.StatusCode.FAILED_PRECONDITION
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    assert "fedvlm_rounds_total 1.0" in text
-    assert 'fedvlm_client_state{client="alpha",state="idle"} 1.0' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    kinds = {name: f.type for name, f in families.items() if name.startswith("fedvlm_")}
+    assert kinds == {
+        "fedvlm_run_number": "gauge", "fedvlm_run_state": "gauge", "fedvlm_round": "gauge",
+        "fedvlm_run_rounds": "gauge", "fedvlm_round_updates_accepted": "gauge", "fedvlm_round_sites_sampled": "gauge",
+        "fedvlm_round_deadline_timestamp_seconds": "gauge", "fedvlm_client_state": "gauge",
+        "fedvlm_client_last_heartbeat_timestamp_seconds": "gauge", "fedvlm_client_transfer_bytes": "gauge",
+        "fedvlm_updates_accepted": "counter", "fedvlm_updates_refused": "counter",
+        "fedvlm_update_received_bytes": "counter", "fedvlm_global_sent_bytes": "counter",
+        "fedvlm_enrollments": "counter", "fedvlm_upload_duration_seconds": "histogram",
+        "fedvlm_aggregation_duration_seconds": "histogram", "fedvlm_round_duration_seconds": "histogram",
+    }
+    for name, kind in kinds.items():  # `_total` only on counter samples; no gauge named like a counter
+        samples = {s.name for s in families[name].samples}
+        assert (kind == "counter") == all(n.endswith("_total") for n in samples), (name, samples)
+
+    def value(family: str, sample: str, **labels) -> float:
+        return next(s.value for s in families[family].samples if s.name == sample and s.labels == labels)
+
+    assert value("fedvlm_updates_accepted", "fedvlm_updates_accepted_total") == 1
+    assert value("fedvlm_updates_refused", "fedvlm_updates_refused_total", reason="failed_precondition") == 1
+    assert value("fedvlm_update_received_bytes", "fedvlm_update_received_bytes_total") == len(data)
+    assert value("fedvlm_enrollments", "fedvlm_enrollments_total", result="accepted") >= 1
+    assert value("fedvlm_upload_duration_seconds", "fedvlm_upload_duration_seconds_count") == 1
+    assert value("fedvlm_run_rounds", "fedvlm_run_rounds") == 1
+    states = {s.labels["state"]: s.value for s in families["fedvlm_client_state"].samples
+              if s.labels["client"] == "alpha"}
+    assert sum(states.values()) == 1 and {"idle", "training", "offline", "failed"} <= set(states)
+    assert "fedvlm_global_eval" not in families  # nothing scored yet; never num_examples as a metric label
 
 
 @pytest.mark.slow
