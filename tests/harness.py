@@ -58,6 +58,7 @@ class Coordinator:
         self.address = ""
         self.enroll_address = ""
         self.dashboard_address = ""
+        self.env: dict[str, str] = {}  # extra environment of the daemon process
 
     def start(self) -> None:
         """Start the daemon; a restart binds the same ports again, as a real restarted daemon would."""
@@ -68,7 +69,7 @@ class Coordinator:
             self.proc = subprocess.Popen(
                 [str(BIN / "fedvlm-coord"), "serve", "--dir", str(self.fed.root), "--listen", listen,
                  "--enroll-listen", enroll_listen, "--log-level", "DEBUG", *self.extra_args],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         info = wait_for(self._bound, 60, "the coordinator to bind its ports")
         self.address, self.enroll_address = info["federation"], info["enrollment"]
         self.dashboard_address = info.get("dashboard", "")
