@@ -210,3 +210,40 @@ def test_config_errors_name_the_bad_key(tmp_path, toml, key):
     path.write_text(toml)
     with pytest.raises(SpecError, match=key.replace(".", r"\.")):
         FederationConfig.load(path)
+
+
+def test_init_prints_unwrapped_copyable_lines_and_keeps_secrets_private(tmp_path):
+    import hashlib
+    import os
+    import stat
+
+    from fedvlm.coordinator.state import State
+
+    root = tmp_path / "a federation"  # a space: the printed commands quote it
+    result = subprocess.run([sys.executable, "-c", "from fedvlm.coordinator.cli import main; main()", "init",
+                             "--dir", str(root), "--host", "coord.example.org,10.0.0.5"],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "40", "EDITOR": "nano"},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    fingerprint = lines[lines.index("CA fingerprint (sha256):") + 1].strip()
+    assert len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint)
+    token = next(lines[i + 1].strip() for i, line in enumerate(lines) if line.startswith("dashboard token"))
+    assert token.startswith("fvd1.") and len(token) > 40
+    quoted = f"'{root}'"
+    for command in (f"nano '{root}/federation.toml'", f"fedvlm-coord enroll SITE --dir {quoted}",
+                    f"fedvlm-coord serve --dir {quoted}"):
+        assert f"  {command}" in lines, (command, lines)  # whole, on one line, although the terminal is 40 wide
+    mode = {p: stat.S_IMODE(p.stat().st_mode) for p in (root, root / "pki", root / "state.db",
+                                                         root / "pki" / "ca.key", root / "pki" / "server.key",
+                                                         root / "pki" / "admin.key")}
+    assert mode[root] == mode[root / "pki"] == 0o700
+    assert all(m == 0o600 for p, m in mode.items() if p.is_file()), mode
+    state = State(root / "state.db", readonly=True)
+    assert state.dashboard_token_sha256() == hashlib.sha256(token.encode()).hexdigest()
+    state.close()
+    rotated = CliRunner().invoke(coord_app, ["dashboard-token", "--dir", str(root)]).output.strip()
+    state = State(root / "state.db", readonly=True)
+    assert rotated != token and state.dashboard_token_sha256() == hashlib.sha256(rotated.encode()).hexdigest()
+    assert [e.entry["kind"] for e in state.audit_entries()][-1] == "dashboard_token"
+    state.close()

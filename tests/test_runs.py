@@ -224,3 +224,12 @@ def test_an_edited_federation_toml_is_refused_under_an_active_run_and_named_afte
     assert config_notice(fed, other) == ""  # a run from another file: federation.toml is only the next default
     check_serve_config(fed, coord.state)
     assert json.loads(json.dumps(local_document(coord.state, fed)))["config_notice"] == ""
+
+
+def test_operator_and_site_chosen_strings_are_shown_as_text_not_markup(tmp_path):
+    coord = InProcessCoordinator(tmp_path, ONE_ROUND)
+    coord.open_round_one()
+    coord.state.record_failure("a", "bad [/bold] record [red]x", coord.run.run_id)
+    coord.state.stop_run(coord.run.run_id, "[/] operator [bold]")
+    text = _text(view(status(coord)))
+    assert "[/] operator [bold]" in text and "bad [/bold] record" in text
