@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 SHELL := /bin/bash
 
-.PHONY: setup demo test test-fast test-slow lint proto bench clean
+.PHONY: setup browser demo test test-fast test-slow lint proto bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,14 @@ $(STAMP): pyproject.toml tools/extra_requirements.py
 	$(BIN)/python tools/extra_requirements.py pretrained | xargs $(BIN)/python -m pip install -q --no-deps
 	touch $(STAMP)
 
+# The dashboard's browser test drives Debian's Chromium with its ChromeDriver (tests/browser.py). Installed here,
+# as part of the test set-up, when missing: apt-get needs root (or sudo); the test fails, never skips, without them.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	echo "installing chromium and chromium-driver (Debian) for the dashboard's browser test"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver
+
 demo: setup
 	$(BIN)/fedvlm demo
 
@@ -41,10 +49,10 @@ endef
 test-fast: setup
 	$(call pytest_run,fast,not slow)
 
-test-slow: setup
+test-slow: setup browser
 	$(call pytest_run,slow,slow)
 
-test: setup
+test: setup browser
 	@$(MAKE) --no-print-directory test-fast; fast=$$?; \
 	$(MAKE) --no-print-directory test-slow; slow=$$?; \
 	echo "== summary: fast: $$(tail -n 1 .pytest-fast.log) | slow: $$(tail -n 1 .pytest-slow.log)"; \

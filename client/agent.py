@@ -51,24 +51,54 @@ class Activity:
     bytes_total: int = 0
     run_id: str = ""
     round: int = 0
+    step: int = 0
+    steps_total: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def set(self, state: int, detail: str = "", done: int = 0, total: int = 0) -> None:
+    def set(self, state: int, detail: str = "", done: int = 0, total: int = 0, step: int = 0,
+            steps_total: int = 0) -> None:
         with self.lock:
             self.state, self.detail, self.bytes_done, self.bytes_total = state, detail, done, total
+            self.step, self.steps_total = step, steps_total
 
     def request(self) -> pb.PollRequest:
         with self.lock:
             return pb.PollRequest(state=self.state, detail=self.detail, bytes_done=self.bytes_done,
-                                  bytes_total=self.bytes_total, run_id=self.run_id, round=self.round)
+                                  bytes_total=self.bytes_total, run_id=self.run_id, round=self.round,
+                                  step=self.step, steps_total=self.steps_total)
+
+
+class ProgressLog:
+    """Logs a local round's progress at most every `every` seconds, and its last step (0 = every step), so a site's
+    log is never silent for a whole round."""
+
+    def __init__(self, what: str, every: float) -> None:
+        self.what, self.every = what, every
+        self.started = time.monotonic()
+        self._last = self.started
+
+    def step(self, step: int, total: int) -> None:
+        """Step `step` of `total` is done."""
+        now = time.monotonic()
+        if now - self._last < self.every and step < total:
+            return
+        self._last = now
+        elapsed = now - self.started
+        left = f", about {elapsed / step * (total - step):.0f}s left" if 0 < step < total else ""
+        log.info("%s: step %d/%d (%d%%), %.0fs%s", self.what, step, total, 100 * step // max(total, 1), elapsed, left)
 
 
 class Agent:
     def __init__(self, coordinator: str, identity: Identity, state: StateDir, data_dir: Path,
                  device: str = "cpu", cache_dir: Path | None = None, max_upload_rate: float = 0.0,
-                 lora_rank: int = 0, workers: SiteWorkers | None = None) -> None:
+                 lora_rank: int = 0, workers: SiteWorkers | None = None, keep_running: bool = False,
+                 progress_every: float = 10.0) -> None:
         """``workers``: the other ranks of this site's data-parallel group (``--nproc``), started by the caller;
-        this process is rank 0, the only one that talks to the coordinator."""
+        this process is rank 0, the only one that talks to the coordinator. ``keep_running``: after a run ends, wait
+        for the federation's next run instead of returning. ``progress_every``: seconds between progress lines of a
+        local round in the log."""
+        self.keep_running = keep_running
+        self.progress_every = progress_every
         self.coordinator = coordinator
         self.workers = workers
         self.lora_rank = lora_rank  # site-local LoRA rank (0 = the task's); needs task.algorithm.lora_exact
@@ -88,7 +118,28 @@ class Agent:
 
     # -- main loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
-        """Work until the coordinator says the run is finished; reconnect with backoff on transport errors."""
+        """Work until the coordinator says the run is finished (with ``keep_running``: until stopped); reconnect with
+        backoff on transport errors. Stopping on an error, the agent first tells the coordinator why."""
+        try:
+            self._run()
+        except FatalError as exc:
+            self.report_failure(str(exc))
+            raise
+        except Exception as exc:  # an unexpected error: the site shows as failed instead of silently offline
+            self.report_failure(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def report_failure(self, reason: str) -> None:
+        """Best effort, within a few seconds: the coordinator shows this site as failed with `reason`'s first line."""
+        first_line = (reason.strip().splitlines() or ["no reason given"])[0]
+        try:
+            with self.identity.channel(self.coordinator) as channel:
+                federation_pb2_grpc.FederationStub(channel).ReportFailure(pb.FailureReport(
+                    run_id=self.activity.run_id, round=self.activity.round, reason=first_line), timeout=5)
+        except grpc.RpcError as exc:  # unreachable, revoked, or an older coordinator: the exit stays as it was
+            log.debug("could not report the failure to the coordinator: %s", exc.code().name)
+
+    def _run(self) -> None:
         backoff = 1.0
         while True:
             try:
@@ -123,10 +174,18 @@ class Agent:
             if task.federation_id != self.identity.federation_id:
                 raise FatalError("coordinator belongs to another federation")
             if task.action == pb.ACTION_FINISHED:
-                self.activity.set(pb.CLIENT_STATE_DONE, "run finished")
-                stub.Poll(self.activity.request(), timeout=30)
-                log.info("run %s finished", task.run_id)
-                return True
+                if self.activity.state != pb.CLIENT_STATE_DONE:
+                    self.activity.set(pb.CLIENT_STATE_DONE, task.message or "run finished")
+                    stub.Poll(self.activity.request(), timeout=30)
+                    log.info("run %s is over (%s)%s", task.run_id, task.message or "finished",
+                             "; waiting for the next run" if self.keep_running else "")
+                if not self.keep_running:
+                    return True
+                time.sleep(self._poll_interval)
+                continue
+            if self.activity.state == pb.CLIENT_STATE_DONE:  # the federation's next run: this site takes part
+                log.info("run %s: joining", task.run_id)
+                self.activity.set(pb.CLIENT_STATE_IDLE)
             if task.action == pb.ACTION_INIT:
                 self._with_heartbeat(stub, self._init, stub, task)
             elif task.action == pb.ACTION_TRAIN:
@@ -183,7 +242,7 @@ class Agent:
         return self._learner
 
     def _init(self, stub, task) -> None:
-        self.activity.set(pb.CLIENT_STATE_TRAINING, "building the initial adapter")
+        self.activity.set(pb.CLIENT_STATE_INITIALIZING, "building the initial adapter")
         learner = self.learner(task.task_spec_json, initial=True)  # the task's rank: it defines the schema
         pending = self.outbox.get(task.run_id, 0)
         if pending is None:
@@ -204,8 +263,12 @@ class Agent:
         self._report_eval(stub, task, learner)
         self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}")
 
+        logged = ProgressLog(f"round {task.round}", self.progress_every)
+
         def progress(step: int, total: int) -> None:
-            self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}: step {step}/{total}")
+            self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}: step {step}/{total}", step=step,
+                              steps_total=total)
+            logged.step(step, total)
 
         client_state = self._algorithm_state(task.run_id, task.round)
         step = self._round_step(learner, task, global_bytes, client_state, progress)

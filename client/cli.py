@@ -50,6 +50,12 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
             "CPU cores). The site still sends one signed update, equal to one process's up to float rounding: each "
             "effective batch (task.train.batch_size x grad_accum_steps) is split over the processes. At most the "
             "visible GPUs (or CPU cores)."),
+        keep_running: bool = typer.Option(
+            False, "--keep-running", envvar="FEDVLM_KEEP_RUNNING",
+            help="After a run ends, stay connected and take part in the federation's next run (`fedvlm-coord run "
+            "new`) instead of exiting."),
+        progress_every: float = typer.Option(10.0, "--progress-every", min=0.0,
+                                             help="Seconds between progress lines of a local round (0: every step)."),
         log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Join the federation (enrolling with the token the first time), then train rounds until the run ends."""
     setup_logging(log_level)
@@ -87,7 +93,8 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
         try:
             Agent(coordinator, identity, state_dir, data,
                   rank_device(_device(device), 0) if workers else _device(device), cache,
-                  max_upload_rate * 1e6, lora_rank=lora_rank, workers=workers).run()
+                  max_upload_rate * 1e6, lora_rank=lora_rank, workers=workers, keep_running=keep_running,
+                  progress_every=progress_every).run()
         finally:
             if workers is not None:
                 workers.close()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import typer
-from google.protobuf import json_format
 from rich.console import Console
 from rich.live import Live
 
@@ -17,22 +19,27 @@ from fedvlm.logs import setup_logging
 from fedvlm.security import pki
 from fedvlm.security.tokens import TokenError, parse_duration
 from fedvlm.spec import SpecError
-from fedvlm.status_view import client_table, render, rounds_table, view
+from fedvlm.status_view import change_key, client_table, render, rounds_table, runs_table, summary_line, view
 
 from .audit import AuditError, verify_audit
 from .blobs import BlobStore
-from .config import DEFAULT_TOML
+from .config import DEFAULT_TOML, FederationConfig
+from .dashboard import issue_dashboard_token
 from .enrollment import Enroller, check_site_name
 from .layout import FederationDir
-from .state import State, StateError
-from .status import snapshot
+from .runs import ConfigConflict, config_source, find_run, new_run
+from .state import State, StateError, TransitionRefused
+from .status import document, local_document
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The fedvlm coordinator: federation set-up, the daemon, status and export.")
 audit_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The hash-chained audit log.")
 app.add_typer(audit_app, name="audit")
+run_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="Runs: each a schedule and task in this federation (docs/operations.md, \"Runs\").")
+app.add_typer(run_app, name="run")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
 
 DirOpt = typer.Option(Path("fedvlm-federation"), "--dir", "-d", envvar="FEDVLM_DIR", help="Federation state directory.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -59,14 +66,16 @@ def init(dir: Path = DirOpt,
          host: str = typer.Option("localhost", "--host", help="Comma-separated DNS names / IPs clients use to "
                                   "reach the coordinator (certificate SANs)."),
          name: str = typer.Option("fedvlm", "--name", help="Federation name (CA common name).")) -> None:
-    """Create a federation: CA, server and admin certificates, state database, a default federation.toml."""
+    """Create a federation: CA, server and admin certificates, state database, a default federation.toml, and the
+    dashboard token. Secrets are 0600 in a 0700 directory."""
     fed = FederationDir(dir)
     if fed.database.exists() or fed.ca_cert.exists():
         fail(f"{dir} already holds a federation; refusing to overwrite it")
     hosts = [h.strip() for h in host.split(",") if h.strip()]
     if not hosts:
         fail("--host needs at least one name")
-    fed.pki.mkdir(parents=True, exist_ok=True)
+    private_dir(fed.root)
+    private_dir(fed.pki)
     ca_key, ca_cert = pki.create_ca(name)
     server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, hosts)
     admin_key = pki.generate_key()
@@ -79,13 +88,39 @@ def init(dir: Path = DirOpt,
     pki.write_public(fed.admin_cert, pki.cert_to_pem(admin_cert))
     if not fed.config.exists():
         fed.config.write_text(DEFAULT_TOML.format(name=name))
+    os.close(os.open(fed.database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # SQLite's -wal/-shm copy its mode
     state = State(fed.database)
     state.init_federation(uuid.uuid4().hex, pki.fingerprint(ca_cert))
+    token = issue_dashboard_token(state)
     state.close()
-    console.print(f"federation [bold]{name}[/] created in {dir}")
-    console.print(f"  CA fingerprint (sha256): {pki.fingerprint(ca_cert)}")
-    console.print(f"  server certificate for: {', '.join(hosts)}")
-    console.print(f"  edit {fed.config}, then: fedvlm-coord enroll SITE --dir {dir}; fedvlm-coord serve --dir {dir}")
+    # Plain lines, never wrapped: the fingerprint, the token and each command can be copied as they are.
+    typer.echo(f"federation {name} created in {dir}")
+    typer.echo(f"server certificate for: {', '.join(hosts)}")
+    typer.echo("CA fingerprint (sha256):")
+    typer.echo(f"  {pki.fingerprint(ca_cert)}")
+    typer.echo("dashboard token (shown once; `fedvlm-coord dashboard-token` issues a new one):")
+    typer.echo(f"  {token}")
+    typer.echo("next:")
+    typer.echo(f"  {shlex.quote(os.environ.get('EDITOR', 'vi'))} {shlex.quote(str(fed.config))}")
+    typer.echo(f"  fedvlm-coord enroll SITE --dir {shlex.quote(str(dir))}")
+    typer.echo(f"  fedvlm-coord serve --dir {shlex.quote(str(dir))}")
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` with mode 0700; an existing directory of this user is set to 0700 too (one of another owner,
+    e.g. a volume mounted for a group, is left as it is)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+
+
+@app.command("dashboard-token")
+def dashboard_token(dir: Path = DirOpt) -> None:
+    """Issue a new dashboard token (the previous one stops working) and print it."""
+    _, state = _open(dir)
+    token = issue_dashboard_token(state)
+    state.close()
+    typer.echo(token)
 
 
 @app.command()
@@ -119,6 +154,9 @@ def serve(dir: Path = DirOpt,
                                             help="Enrollment port (token-authenticated, no TLS)."),
           metrics_listen: str = typer.Option("", "--metrics-listen",
                                              help="Serve Prometheus /metrics on HOST:PORT (off by default)."),
+          dashboard_listen: str = typer.Option("", "--dashboard-listen",
+                                               help="Serve the read-only web dashboard on HOST:PORT (HTTPS; the admin "
+                                               "certificate or the dashboard token from `init`). Off by default."),
           exit_when_done: bool = typer.Option(False, "--exit-when-done", help="Exit once the run has finished."),
           log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Run the coordinator daemon (restart-safe: it resumes the run and round it was in)."""
@@ -128,15 +166,16 @@ def serve(dir: Path = DirOpt,
     from .server import Coordinator
 
     try:
-        coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None)
+        coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None, dashboard_listen or None)
         coordinator.start()
-    except (SpecError, StateError, OSError) as exc:
+    except (SpecError, StateError, OSError, ConfigConflict) as exc:
         fail(str(exc))
     coordinator.wait(exit_when_done=exit_when_done)
 
 
 def _status_dict(dir: Path | None, coordinator: str | None, cert: Path | None, key: Path | None,
-                 ca: Path | None) -> dict:
+                 ca: Path | None, run: str | None = None) -> dict:
+    """The status document (coordinator/status.py), from the live daemon's Admin RPC or from state.db."""
     if coordinator:
         from fedvlm.wire.credentials import mtls_channel_from_files
         from fedvlm.wire.v1 import admin_pb2, admin_pb2_grpc
@@ -150,16 +189,23 @@ def _status_dict(dir: Path | None, coordinator: str | None, cert: Path | None, k
 
         with mtls_channel_from_files(coordinator, key, cert, ca) as channel:
             try:
-                reply = admin_pb2_grpc.AdminStub(channel).GetStatus(admin_pb2.StatusRequest(), timeout=10)
+                reply = admin_pb2_grpc.AdminStub(channel).GetStatus(admin_pb2.StatusRequest(run=run or ""),
+                                                                     timeout=10)
             except grpc.RpcError as exc:
                 fail(f"{coordinator}: {exc.code().name}: {exc.details()}")
-        return json_format.MessageToDict(reply, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)
-    _, state = _open(dir or Path("fedvlm-federation"), readonly=True)
+        return document(reply)
+    fed, state = _open(dir or Path("fedvlm-federation"), readonly=True)
     try:
-        return snapshot(state, live=False)
+        return local_document(state, fed, _run_or_fail(state, run) if run else None)
     finally:
         state.close()
+
+
+def _run_or_fail(state: State, ref: str):
+    found = find_run(state, ref)
+    if found is None:
+        fail(f"no run {ref!r} (see `fedvlm-coord run list`)")
+    return found
 
 
 RemoteOpt = typer.Option(None, "--coordinator", help="HOST:PORT of a live coordinator (uses the Admin RPC).")
@@ -167,26 +213,49 @@ CertOpt = typer.Option(None, "--cert", help="Admin certificate (PEM).")
 KeyOpt = typer.Option(None, "--key", help="Admin key (PEM).")
 CaOpt = typer.Option(None, "--ca", help="Federation CA certificate (PEM).")
 LocalDirOpt = typer.Option(None, "--dir", "-d", envvar="FEDVLM_DIR", help="Federation state directory (read directly).")
+RunOpt = typer.Option(None, "--run", help="A run number (see `fedvlm-coord run list`) or id; default: the current run.")
 
 
 @app.command()
 def status(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = CertOpt, key: Path = KeyOpt,
            ca: Path = CaOpt, as_json: bool = JsonOpt,
-           watch: float = typer.Option(0.0, "--watch", help="Refresh every N seconds until interrupted.")) -> None:
+           watch: float = typer.Option(0.0, "--watch", help="Refresh every N seconds until interrupted (to a pipe "
+                                       "or file: one line per change; with --json one JSON document per line).")
+           ) -> None:
     """Run, round, phase, deadline, quorum and every client with its state, transfer, heartbeat and metrics."""
-    if as_json:
-        typer.echo(json.dumps(_status_dict(dir, coordinator, cert, key, ca), indent=2, sort_keys=True))
-        return
+    def fetch() -> dict:
+        return _status_dict(dir, coordinator, cert, key, ca)
+
     if watch <= 0:
-        render(_status_dict(dir, coordinator, cert, key, ca), console)
+        if as_json:
+            typer.echo(json.dumps(fetch(), indent=2, sort_keys=True))
+        else:
+            render(fetch(), console)
         return
-    with Live(console=console, refresh_per_second=4) as live:
-        try:
-            while True:
-                live.update(view(_status_dict(dir, coordinator, cert, key, ca)))
-                time.sleep(watch)
-        except KeyboardInterrupt:
-            pass
+    try:
+        if as_json or not console.is_terminal:
+            _watch_lines(fetch, watch, as_json)
+        else:
+            with Live(console=console, refresh_per_second=4) as live:
+                while True:
+                    live.update(view(fetch()))
+                    time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
+
+
+def _watch_lines(fetch, every: float, as_json: bool) -> None:
+    """One line each time the status changes (a JSON document with --json), flushed at once, for pipes and logs."""
+    last = None
+    while True:
+        status = fetch()
+        key = change_key(status)
+        if key != last:
+            line = json.dumps(status, sort_keys=True) if as_json else summary_line(status)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            last = key
+        time.sleep(every)
 
 
 @app.command()
@@ -202,13 +271,47 @@ def clients(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = 
 
 @app.command()
 def rounds(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = CertOpt, key: Path = KeyOpt,
-           ca: Path = CaOpt, as_json: bool = JsonOpt) -> None:
-    """Global versions with their number of updates and evaluation metrics."""
-    s = _status_dict(dir, coordinator, cert, key, ca)
+           ca: Path = CaOpt, as_json: bool = JsonOpt, run: str = RunOpt) -> None:
+    """Global versions of a run (default: the current one) with their number of updates and evaluation metrics."""
+    s = _status_dict(dir, coordinator, cert, key, ca, run)
     if as_json:
         typer.echo(json.dumps(s["rounds"], indent=2, sort_keys=True))
     else:
         console.print(rounds_table(s))
+
+
+@app.command()
+def health(dir: Path = DirOpt,
+           coordinator: str = typer.Option("", "--coordinator", help="HOST:PORT of the federation port (default: "
+                                           "127.0.0.1 and the port `serve` recorded, else 50051)."),
+           timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for the answer.")) -> None:
+    """Exit 0 if the daemon's federation port answers gRPC health SERVING over mutual TLS with the admin
+    certificate: the container and Kubernetes probe, so the enrollment port can be closed once sites joined."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedvlm.wire.credentials import mtls_channel
+
+    fed = FederationDir(dir)
+    if not coordinator:
+        port = 50051
+        if fed.address_file.exists():
+            port = int(json.loads(fed.address_file.read_text())["federation"].rsplit(":", 1)[1])
+        coordinator = f"127.0.0.1:{port}"
+    try:
+        server_cert = pki.load_cert_pem(fed.server_cert.read_bytes())
+        channel = mtls_channel(coordinator, fed.admin_key.read_bytes(), fed.admin_cert.read_bytes(),
+                               fed.ca_cert.read_bytes(), server_name=pki.cert_hosts(server_cert)[0])
+    except (OSError, ValueError) as exc:
+        fail(f"cannot probe with {dir}'s admin certificate: {exc}")
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            fail(f"{coordinator}: {exc.code().name}: {exc.details()}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        fail(f"{coordinator}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    typer.echo(f"{coordinator}: SERVING")
 
 
 @app.command()
@@ -225,19 +328,68 @@ def revoke(site: str, dir: Path = DirOpt) -> None:
 @app.command()
 def export(dir: Path = DirOpt,
            round_: int = typer.Option(None, "--round", help="Global round to export (default: the latest)."),
+           run: str = RunOpt,
            out: Path = typer.Option(..., "--out", help="New directory for the PEFT adapter.")) -> None:
     """Write a global version as a PEFT adapter directory (loads with PeftModel.from_pretrained)."""
     from .export import ExportError, export_global  # imports torch: only here, so other commands start fast
 
     fed, state = _open(dir, readonly=True)
     try:
-        path = export_global(state, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()),
-                             round_, out)
+        chosen = _run_or_fail(state, run) if run else state.current_run()
+        exported = export_global(state, BlobStore(fed.blobs), pki.load_cert_pem(fed.server_cert.read_bytes()),
+                                 chosen, round_, out)
     except ExportError as exc:
         fail(str(exc))
     finally:
         state.close()
-    console.print(f"exported to {path}")
+    typer.echo(f"exported run {exported.run_number} round {exported.round} to {exported.path}")
+    typer.echo(f"base model: {exported.base.describe()}")
+
+
+@run_app.command("new")
+def run_new(dir: Path = DirOpt,
+            config: Path = typer.Option(None, "--config", help="A TOML file with [run] and [task] tables, as in "
+                                        "federation.toml (default: the federation's federation.toml).")) -> None:
+    """Start a new run in this federation: enrolled sites take part without a new token."""
+    fed, state = _open(dir)
+    path = config or fed.config
+    try:
+        loaded = FederationConfig.load(path)
+        run = new_run(state, loaded, config_source(fed, path))
+    except (SpecError, TransitionRefused) as exc:
+        fail(str(exc))
+    finally:
+        state.close()
+    typer.echo(f"run {run.number} ({run.run_id}) created from {path}: {run.config.rounds} rounds, model "
+               f"{loaded.task.model}, strategy {loaded.task.strategy}; a running coordinator starts it now")
+
+
+@run_app.command("list")
+def run_list(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = CertOpt, key: Path = KeyOpt,
+             ca: Path = CaOpt, as_json: bool = JsonOpt) -> None:
+    """Every run of the federation, oldest first."""
+    s = _status_dict(dir, coordinator, cert, key, ca)
+    if as_json:
+        typer.echo(json.dumps(s["runs"], indent=2, sort_keys=True))
+    else:
+        console.print(runs_table(s))
+
+
+@run_app.command("stop")
+def run_stop(dir: Path = DirOpt, run: str = RunOpt,
+             reason: str = typer.Option("stopped by the operator", "--reason", help="Shown by status.")) -> None:
+    """Stop the current run (or --run): its open round takes no more updates and the sites are told it is over."""
+    _, state = _open(dir)
+    try:
+        target = _run_or_fail(state, run) if run else state.current_run()
+        if target is None:
+            fail("no run in this federation yet")
+        stopped = state.stop_run(target.run_id, " ".join(reason.split()))
+    except TransitionRefused as exc:
+        fail(str(exc))
+    finally:
+        state.close()
+    typer.echo(f"run {stopped.number} ({stopped.run_id}) stopped at round {stopped.round}: {stopped.stop_reason}")
 
 
 @audit_app.command("verify")

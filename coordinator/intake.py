@@ -80,9 +80,10 @@ class Intake:
             raise Refused("FAILED_PRECONDITION", "manifest is for another federation")
         if manifest.size <= 0 or manifest.num_examples <= 0:
             raise Refused("INVALID_ARGUMENT", "manifest size and num_examples must be positive")
-        if manifest.size > self.max_update_bytes:
-            raise Refused("RESOURCE_EXHAUSTED",
-                          f"update of {manifest.size} bytes exceeds the limit of {self.max_update_bytes} bytes")
+        run = self.state.current_run()  # the run's own [run] max_update_mb; the constructor's limit without a run
+        limit = run.config.max_update_bytes if run else self.max_update_bytes
+        if manifest.size > limit:
+            raise Refused("RESOURCE_EXHAUSTED", f"update of {manifest.size} bytes exceeds the limit of {limit} bytes")
         if self.state.nonce_used(manifest.nonce):
             raise Refused("ALREADY_EXISTS", "replayed manifest: this nonce was already used")
         existing = self.state.upload_by_nonce(manifest.nonce)

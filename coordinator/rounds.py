@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
+import time
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
@@ -24,6 +25,7 @@ from fedvlm.security.signing import GlobalRecord
 
 from .blobs import BlobStore
 from .config import FederationConfig
+from .runs import new_run
 from .state import AssignmentState, MetricsKind, Next, Round, RoundPhase, Run, RunState, ServerStateRef, State
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,10 @@ class RoundDriver:
     """Advances the current run; call `tick()` periodically or after `wake()`. Time is the state's clock."""
 
     def __init__(self, state: State, blobs: BlobStore, config: FederationConfig, federation_id: str,
-                 signer_key: EllipticCurvePrivateKey) -> None:
+                 signer_key: EllipticCurvePrivateKey,
+                 on_published: Callable[[float, float], None] | None = None) -> None:
+        """``on_published(aggregation seconds, round seconds)`` is called after each round's global is published."""
+        self.on_published = on_published
         self.state = state
         self.blobs = blobs
         self.config = config
@@ -43,13 +48,9 @@ class RoundDriver:
         self._tick_lock = threading.Lock()
 
     def ensure_run(self) -> Run:
-        """The current run, created from the config on first start."""
+        """The current run, created from the config (federation.toml) on the federation's first start."""
         run = self.state.current_run()
-        if run is not None:
-            return run
-        run = self.state.create_run(uuid.uuid4().hex[:12], self.config.run, self.config.task)
-        log.info("run %s created: %d rounds", run.run_id, self.config.run.rounds)
-        return run
+        return run if run is not None else new_run(self.state, self.config)
 
     def wake(self) -> None:
         """Make the loop tick now rather than at its next period (an update arrived)."""
@@ -88,7 +89,7 @@ class RoundDriver:
     def _step_init(self, run: Run) -> bool:
         update = self.state.initial_update(run.run_id)
         if update is None:
-            live = self.state.live_clients(self.config.run.heartbeat_timeout)
+            live = self.state.live_clients(run.config.heartbeat_timeout)
             if run.init_client and run.init_client not in live:
                 self.state.release_init(run.run_id)  # the chosen site went away: another one may provide it
                 return True
@@ -106,7 +107,7 @@ class RoundDriver:
 
     def _step_round(self, run: Run) -> bool:
         rnd = self.state.round(run.run_id, run.round)
-        cfg = self.config.run
+        cfg = run.config
         states = self.state.assignments(run.run_id, run.round)
         accepted = sorted(c for c, s in states.items() if s is AssignmentState.ACCEPTED)
         if rnd.phase is RoundPhase.WAITING:
@@ -150,6 +151,7 @@ class RoundDriver:
 
     def _aggregate(self, run: Run, rnd: Round, accepted: list[str]) -> None:
         """Aggregate the round's accepted updates into its global and publish it (see `State.publish_global`)."""
+        started = time.monotonic()
         updates = self.state.accepted_updates(run.run_id, run.round)
         algorithm = build(run.task.algorithm)
         base, _ = split_aux(dict(adapters.iter_file_tensors(self.blobs.path(rnd.base_digest))))
@@ -161,7 +163,7 @@ class RoundDriver:
         state_ref = self._put_server_state(run, run.round, result.state)
         record, signature = self._sign_global(run, run.round, digest, parent=rnd.base_digest,
                                               contributors=[u.digest for u in updates])
-        cfg = self.config.run
+        cfg = run.config
         if run.round < cfg.rounds:
             self.state.publish_global(run.run_id, run.round, record, signature, state_ref, result.metrics, Next.ROUND)
         elif cfg.final_eval:
@@ -172,6 +174,8 @@ class RoundDriver:
             self.state.publish_global(run.run_id, run.round, record, signature, state_ref, result.metrics, Next.DONE)
         log.info("round %d/%d aggregated from %s -> global %s", run.round, cfg.rounds, ", ".join(accepted),
                  digest[:12])
+        if self.on_published:
+            self.on_published(time.monotonic() - started, self.state.now() - rnd.started_at)
 
     def _loader(self, digest: str):
         def load():

@@ -32,12 +32,15 @@ from fedvlm.wire.v1 import (
 
 from .blobs import BlobStore
 from .config import FederationConfig
+from .dashboard import Dashboard
 from .enrollment import Enroller
 from .intake import Intake
 from .layout import FederationDir
 from .rounds import RoundDriver
+from .runs import ConfigWatch, check_serve_config
 from .service import AdminService, EnrollmentService, FederationService
-from .state import RunState, State
+from .state import State
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ class Bound:
 class Coordinator:
     """Everything a running coordinator holds; `start()` binds the ports, `stop()` shuts down cleanly."""
 
-    def __init__(self, fed: FederationDir, listen: str, enroll_listen: str, metrics_listen: str | None = None):
+    def __init__(self, fed: FederationDir, listen: str, enroll_listen: str, metrics_listen: str | None = None,
+                 dashboard_listen: str | None = None):
         self.fed = fed
         self.config = FederationConfig.load(fed.config)
         self.state = State(fed.database)
@@ -59,28 +63,35 @@ class Coordinator:
         self.blobs = BlobStore(fed.blobs)
         self.ca_cert = pki.load_cert_pem(fed.ca_cert.read_bytes())
         self.server_key = pki.load_key_pem(fed.server_key.read_bytes())
-        self.driver = RoundDriver(self.state, self.blobs, self.config, self.federation_id, self.server_key)
+        self.telemetry = Telemetry(self.state)
+        self.driver = RoundDriver(self.state, self.blobs, self.config, self.federation_id, self.server_key,
+                                  on_published=self.telemetry.round_published)
         self.intake = Intake(self.state, self.blobs, fed.uploads, self.federation_id,
                              self.config.run.max_update_bytes, self.driver.wake)
         self.enroller = Enroller(self.state, pki.load_key_pem(fed.ca_key.read_bytes()), self.ca_cert,
                                  self.federation_id)
         self.listen, self.enroll_listen, self.metrics_listen = listen, enroll_listen, metrics_listen
+        self.dashboard = Dashboard(fed, self.state, dashboard_listen) if dashboard_listen else None
         self._stop = threading.Event()
         self._servers: list[grpc.Server] = []
         self._driver_thread: threading.Thread | None = None
 
     def start(self) -> Bound:
+        check_serve_config(self.fed, self.state)  # an edited federation.toml is never silently ignored
         self.driver.ensure_run()
         self.driver.tick()
-        main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+        interceptors = [self.telemetry.interceptor()]
+        main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
+                           interceptors=interceptors)
         federation_pb2_grpc.add_FederationServicer_to_server(
             FederationService(self.state, self.blobs, self.intake, self.config, self.federation_id,
                               self.fed.server_cert.read_bytes()), main)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.state, self.config), main)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.state, self.config, self.fed), main)
         creds = mtls_server_credentials(self.fed.server_key.read_bytes(), self.fed.server_cert.read_bytes(),
                                         self.fed.ca_cert.read_bytes())
         main_port = main.add_secure_port(self.listen, creds)
-        enroll = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+        enroll = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
+                             interceptors=interceptors)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(self.enroller), enroll)
         enroll_port = enroll.add_insecure_port(self.enroll_listen)
         if not main_port or not enroll_port:
@@ -96,34 +107,42 @@ class Coordinator:
             server.start()
             self._servers.append(server)
         if self.metrics_listen:
-            from .metrics import start_metrics
-
-            start_metrics(self.metrics_listen, self.state)
+            self.telemetry.serve(self.metrics_listen)
         self._driver_thread = threading.Thread(target=self.driver.loop, args=(self._stop,), daemon=True,
                                                name="round-driver")
         self._driver_thread.start()
         bound = Bound(_with_port(self.listen, main_port), _with_port(self.enroll_listen, enroll_port))
-        write_bytes_atomic(self.fed.address_file, json.dumps(
-            {"federation": bound.federation, "enrollment": bound.enrollment, "pid": os.getpid()}).encode())
+        addresses = {"federation": bound.federation, "enrollment": bound.enrollment, "pid": os.getpid()}
+        if self.dashboard:
+            addresses["dashboard"] = self.dashboard.start()
+        write_bytes_atomic(self.fed.address_file, json.dumps(addresses).encode())
         log.info("serving federation on %s (mTLS), enrollment on %s", bound.federation, bound.enrollment)
         return bound
 
     def run_finished(self) -> bool:
         run = self.state.current_run()
-        return run is not None and run.state is RunState.DONE
+        return run is not None and not run.state.active
 
     def wait(self, exit_when_done: bool = False) -> None:
-        """Block until SIGINT/SIGTERM (or, with exit_when_done, until the run is done and sites were told)."""
+        """Block until SIGINT/SIGTERM (or, with exit_when_done, until the run is over and sites were told). Every
+        few seconds, federation.toml is compared with the current run (a difference is logged once)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
+        watch = ConfigWatch(self.fed, self.state)
+        ticks = 0
         while not self._stop.wait(0.5):
+            if ticks % 10 == 0:
+                watch.check()
+            ticks += 1
             if exit_when_done and self.run_finished():
-                self._stop.wait(3 * self.config.run.poll_interval)  # let polling sites hear "finished"
+                self._stop.wait(3 * self.state.current_run().config.poll_interval)  # let polling sites hear it
                 break
         self.stop()
 
     def stop(self) -> None:
         self._stop.set()
+        if self.dashboard:
+            self.dashboard.stop()
         for server in self._servers:
             server.stop(grace=2).wait()
         if self._driver_thread:

@@ -26,6 +26,8 @@ from .config import FederationConfig
 from .enrollment import Enroller
 from .errors import Refused
 from .intake import Intake
+from .layout import FederationDir
+from .runs import find_run
 from .state import Activity, AssignmentState, MetricsKind, RoundPhase, RunState, State
 from .status import snapshot
 
@@ -36,6 +38,7 @@ ACTIVITIES = {
     Pb.CLIENT_STATE_IDLE: Activity.IDLE, Pb.CLIENT_STATE_DOWNLOADING: Activity.DOWNLOADING,
     Pb.CLIENT_STATE_TRAINING: Activity.TRAINING, Pb.CLIENT_STATE_UPLOADING: Activity.UPLOADING,
     Pb.CLIENT_STATE_DONE: Activity.DONE, Pb.CLIENT_STATE_EVALUATING: Activity.EVALUATING,
+    Pb.CLIENT_STATE_INITIALIZING: Activity.INITIALIZING,
 }
 REPORTED_KINDS = {MetricsKind.EVAL.value: MetricsKind.EVAL, MetricsKind.TRAIN.value: MetricsKind.TRAIN}
 
@@ -93,7 +96,8 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     def Poll(self, request, context):
         name, _ = self._client(context)
         self.state.record_heartbeat(name, ACTIVITIES.get(request.state, Activity.IDLE), request.detail[:200],
-                                    request.bytes_done, request.bytes_total)
+                                    request.bytes_done, request.bytes_total, request.run_id[:64],
+                                    max(0, request.step), max(0, request.steps_total))
         return self._assignment_for(name)
 
     def _assignment_for(self, name: str) -> federation_pb2.Assignment:
@@ -101,9 +105,13 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         base = dict(federation_id=self.federation_id, poll_interval_s=self.config.run.poll_interval)
         if run is None:
             return Pb.Assignment(action=Pb.ACTION_WAIT, message="no run yet", **base)
-        base.update(run_id=run.run_id, task_spec_json=run.task_json, total_rounds=run.config.rounds)
+        base.update(run_id=run.run_id, task_spec_json=run.task_json, total_rounds=run.config.rounds,
+                    poll_interval_s=run.config.poll_interval)
         if run.state is RunState.DONE:
             return Pb.Assignment(action=Pb.ACTION_FINISHED, round=run.round, message="run finished", **base)
+        if run.state is RunState.STOPPED:
+            return Pb.Assignment(action=Pb.ACTION_FINISHED, round=run.round,
+                                 message=f"run stopped: {run.stop_reason}", **base)
         if run.state is RunState.INIT:
             if run.init_client is None:
                 run = self.state.claim_init(run.run_id, name)
@@ -171,20 +179,34 @@ class FederationService(federation_pb2_grpc.FederationServicer):
                                   request.global_digest, metrics)
         return Pb.MetricsAck()
 
+    @_guarded
+    def ReportFailure(self, request, context):
+        name, _ = self._client(context)
+        reason = " ".join(request.reason.split())[:300] or "no reason given"  # one line, bounded
+        self.state.record_failure(name, reason, request.run_id[:64])
+        log.warning("site %s stopped on an error: %s", name, reason)
+        return Pb.FailureAck()
+
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     """Operator RPCs: callers need a certificate with role "admin"."""
 
-    def __init__(self, state: State, config: FederationConfig) -> None:
+    def __init__(self, state: State, config: FederationConfig, fed: FederationDir | None = None) -> None:
         self.state = state
         self.config = config
+        self.fed = fed  # its federation.toml is compared with the current run (FederationStatus.config_notice)
 
     @_guarded
     def GetStatus(self, request, context):
         cert = _peer_certificate(context)
         if pki.cert_role(cert) != "admin":
             raise Refused("PERMISSION_DENIED", "the admin service needs an admin certificate")
-        return json_format.ParseDict(snapshot(self.state, live=True), admin_pb2.FederationStatus())
+        run = None
+        if request.run:
+            run = find_run(self.state, request.run)
+            if run is None:
+                raise Refused("NOT_FOUND", f"no run {request.run!r} (see `fedvlm-coord run list`)")
+        return json_format.ParseDict(snapshot(self.state, True, self.fed, run), admin_pb2.FederationStatus())
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from fedvlm.status_view import view
 from fedvlm.wire.credentials import mtls_channel
+from fedvlm.wire.plain import message_to_plain
 from fedvlm.wire.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,7 @@ def _watch(fed: Path, address: str, procs, console: Console, timeout: float) -> 
                     break  # the coordinator finished and exited between two polls
                 time.sleep(0.5)
                 continue
-            status = json_format.MessageToDict(reply, preserving_proto_field_name=True,
-                                               always_print_fields_with_no_presence=True)
+            status = message_to_plain(reply)
             live.update(view(status))
             if status.get("run_state") == "done":
                 break

@@ -50,13 +50,15 @@ class Coordinator:
 
     def __init__(self, root: Path, config_toml: str, extra_args: tuple[str, ...] = ()) -> None:
         self.fed = FederationDir(root)
-        coord_cli("init", "--dir", str(root), "--host", "localhost,127.0.0.1", "--name", "test-fed")
+        self.init_output = coord_cli("init", "--dir", str(root), "--host", "localhost,127.0.0.1", "--name", "test-fed")
         self.fed.config.write_text(config_toml)
         self.proc: subprocess.Popen | None = None
         self.extra_args = extra_args
         self.log = root / "coordinator.log"
         self.address = ""
         self.enroll_address = ""
+        self.dashboard_address = ""
+        self.env: dict[str, str] = {}  # extra environment of the daemon process
 
     def start(self) -> None:
         """Start the daemon; a restart binds the same ports again, as a real restarted daemon would."""
@@ -67,9 +69,10 @@ class Coordinator:
             self.proc = subprocess.Popen(
                 [str(BIN / "fedvlm-coord"), "serve", "--dir", str(self.fed.root), "--listen", listen,
                  "--enroll-listen", enroll_listen, "--log-level", "DEBUG", *self.extra_args],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         info = wait_for(self._bound, 60, "the coordinator to bind its ports")
         self.address, self.enroll_address = info["federation"], info["enrollment"]
+        self.dashboard_address = info.get("dashboard", "")
 
     def _bound(self):
         if self.proc.poll() is not None:
@@ -77,6 +80,12 @@ class Coordinator:
         if not self.fed.address_file.exists():
             return None
         return json.loads(self.fed.address_file.read_text())
+
+    @property
+    def dashboard_token(self) -> str:
+        """The dashboard token `init` printed (the line after its heading)."""
+        lines = self.init_output.splitlines()
+        return next(lines[i + 1].strip() for i, line in enumerate(lines) if line.startswith("dashboard token"))
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ COORD_DOCKERFILE = ROOT / "Dockerfile.coordinator"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 K8S = ROOT / "deploy" / "k8s" / "coordinator.yaml"
 EXAMPLE_CONFIG = ROOT / "deploy" / "federation.example.toml"
-HEALTH_TARGET = "127.0.0.1:50052"  # what the coordinator image's HEALTHCHECK probes
+HEALTH_DIR = "/federation"  # the state directory the coordinator image's HEALTHCHECK reads its certificate from
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -106,7 +107,7 @@ def run(argv: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def probe_live_coordinator(coord: Path, fed: Path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """Run the image's HEALTHCHECK against `serve` on loopback ports, then again once the daemon is gone."""
     probe = healthcheck_cmd(COORD_DOCKERFILE)
-    assert probe[0] == "python" and any(HEALTH_TARGET in part for part in probe), probe
+    assert probe[:2] == ["fedvlm-coord", "health"] and HEALTH_DIR in probe, probe
     serve = subprocess.Popen([str(coord), "serve", "--dir", str(fed), "--listen", "127.0.0.1:0",
                               "--enroll-listen", "127.0.0.1:0"], cwd=fed, env=plain_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -117,9 +118,8 @@ def probe_live_coordinator(coord: Path, fed: Path) -> tuple[subprocess.Completed
             assert serve.poll() is None, f"serve exited with {serve.returncode}: {serve.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "serve did not bind its ports in 90 s"
             time.sleep(0.1)
-        enrollment = json.loads(address_file.read_text())["enrollment"]
-        probe = [sys.executable, *(part.replace(HEALTH_TARGET, enrollment) for part in probe[1:])]
-        healthy = run(probe, fed)
+        probe = [str(coord), *(str(fed) if part == HEALTH_DIR else part for part in probe[1:])]
+        healthy = run(probe, fed)  # through the federation port, over mutual TLS: the enrollment port is not used
     finally:
         serve.terminate()
         serve.wait(timeout=30)
@@ -280,7 +280,10 @@ def test_compose_and_kubernetes_coordinator_commands_parse():
     (init,) = stateful["template"]["spec"]["initContainers"]
     init_argv = shlex.split(init["command"][-1].split("||")[-1])  # sh -c "test -e ... || fedvlm-coord init ..."
     assert init_argv[:4] == ["fedvlm-coord", "init", "--dir", "/federation"], init_argv
-    for argv in (compose["services"]["coordinator"]["command"], container["args"], init_argv[1:]):
+    probes = [container[p]["exec"]["command"] for p in ("readinessProbe", "livenessProbe")]
+    assert all(p == healthcheck_cmd(COORD_DOCKERFILE) for p in probes), "probe 50051 as the image does"
+    for argv in (compose["services"]["coordinator"]["command"], container["args"], init_argv[1:],
+                 *(p[1:] for p in probes)):
         if argv[0] == "serve":
             assert argv[:3] == exec_form(COORD_DOCKERFILE, "CMD")
         result = CliRunner().invoke(coord_app, [*argv, "--help"])  # an unknown option fails before --help
@@ -298,3 +301,121 @@ def test_dockerignore_keeps_secrets_out_and_sources_in():
     assert {".git", ".venv", "**/*.key"} <= patterns
     needed = {"pyproject.toml", "fedvlm", "coordinator", "client", "README.md"}
     assert not needed & patterns, f"{needed & patterns} must reach the image build"
+
+
+COORDINATOR_REQUIREMENTS = ROOT / "deploy" / "coordinator-requirements.txt"
+MODEL_STACK = {"transformers", "peft", "pillow", "matplotlib", "scikit-learn", "pycocoevalcap", "tokenizers",
+               "num2words", "bitsandbytes", "datasets", "huggingface-hub"}
+# Imported only because they happen to be installed here (dev and site dependencies), never required: grpc imports
+# grpc_tools (grpcio-tools), torch imports dill (torch.utils.data) and tqdm (torch.hub) when they exist.
+OPTIONAL_HERE = {"grpcio-tools", "dill", "tqdm"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def coordinator_closure() -> set[str]:
+    """The distributions the coordinator image ends up with: its requirements, torch and what they require (read
+    from the installed metadata, extras left out), plus fedvlm itself."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    todo = [line.split(">")[0].split("=")[0].strip() for line in COORDINATOR_REQUIREMENTS.read_text().splitlines()
+            if line.strip() and not line.startswith("#")] + ["torch"]
+    seen = {"fedvlm"}
+    while todo:
+        name = _norm(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in requires(name) or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):  # this Python, this platform, no extras
+                todo.append(req.name)
+    return seen
+
+
+def test_the_coordinator_image_requirements_are_the_projects_own_lines_without_the_model_stack():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [line.strip() for line in COORDINATOR_REQUIREMENTS.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert set(lines) <= set(declared), set(lines) - set(declared)
+    closure = coordinator_closure()
+    assert not closure & MODEL_STACK, closure & MODEL_STACK
+    assert {"grpcio", "cryptography", "torch", "safetensors"} <= closure
+
+
+def imported_distributions(importtime_log: str) -> set[str]:
+    """The distributions a process imported from, read from its `-X importtime` lines (stdlib left out)."""
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    tops = {line.split("|")[-1].strip().split(".")[0] for line in importtime_log.splitlines()
+            if line.startswith("import time:") and "|" in line}
+    tops -= set(sys.stdlib_module_names) | {"", "package", "__editable___fedvlm_0_1_0_finder"}
+    # A name no installed distribution provides is a private stdlib module or an optional import that failed.
+    return {_norm(owners[top][0]) for top in tops if top in owners} | ({"fedvlm"} if "fedvlm" in tops else set())
+
+
+@pytest.mark.slow
+def test_a_live_coordinator_and_its_commands_import_only_what_the_image_installs(tmp_path):
+    """A whole run (initial adapter, one round, metrics scraped, the dashboard read) served by a daemon whose imports
+    are recorded, then status, rounds, export and audit verify: every module comes from the image's distributions."""
+    import urllib.request
+
+    import torch
+
+    from fedvlm.wire.v1 import federation_pb2 as pb
+
+    from .harness import Coordinator, RawSite, tensors_bytes, wait_for
+
+    metrics_port = _free_port()
+    config = ('name = "img"\n[run]\nrounds = 1\nmin_clients = 1\nclients_per_round = 1\nquorum = 1\n'
+              'poll_interval = 0.2\nfinal_eval = false\n')
+    coord = Coordinator(tmp_path / "coord", config, ("--metrics-listen", f"127.0.0.1:{metrics_port}",
+                                                     "--dashboard-listen", "127.0.0.1:0"))
+    coord.env = {"PYTHONPROFILEIMPORTTIME": "1"}
+    coord.start()
+    site = RawSite(coord, "solo", tmp_path)
+    try:
+        first = site.poll()
+        init = tensors_bytes({"w.lora_A.weight": torch.zeros(2, 2)}, {"fedvlm.adapter_config": '{"peft_type": "LORA"}'})
+        site.send(site.manifest(first, init), init)
+        task = wait_for(lambda: (t := site.poll()).action == pb.ACTION_TRAIN and t, 30, "round 1")
+        data = tensors_bytes({"w.lora_A.weight": torch.ones(2, 2)})
+        site.send(site.manifest(task, data), data)
+        wait_for(lambda: site.poll().action == pb.ACTION_FINISHED, 30, "the run to finish")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            assert b"fedvlm_updates_accepted_total 2.0" in reply.read()
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(coord.fed.ca_cert))
+        context.check_hostname = False
+        req = urllib.request.Request(f"https://{coord.dashboard_address}/api/status",
+                                     headers={"Authorization": f"Bearer {coord.dashboard_token}"})
+        with urllib.request.urlopen(req, timeout=10, context=context) as reply:
+            assert json.loads(reply.read())["status"]["run_state"] == "done"
+    finally:
+        site.close()
+        coord.kill(signal.SIGTERM)
+    logs = [coord.log.read_text()]
+    d = str(coord.fed.root)
+    for argv in (["status", "--dir", d], ["rounds", "--dir", d, "--json"], ["audit", "verify", "--dir", d],
+                 ["export", "--dir", d, "--out", str(tmp_path / "adapter")]):
+        result = run([BIN / "fedvlm-coord", *argv], tmp_path, PYTHONPROFILEIMPORTTIME="1")
+        assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+        logs.append(result.stderr)
+    imported = set().union(*(imported_distributions(text) for text in logs))
+    assert {"grpcio", "torch", "fedvlm"} <= imported  # the recording worked
+    outside = imported - coordinator_closure() - OPTIONAL_HERE
+    assert not outside, f"the coordinator imported {sorted(outside)}, which its image does not install"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,8 +8,15 @@ an exported adapter that PEFT loads and that reproduces the global's outputs, an
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +25,9 @@ from fedvlm import adapters
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import Coordinator, coord_cli, start_sites, wait_for
+from .harness import BIN, Coordinator, coord_cli, env_for_subprocess, start_sites, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Real processes (a coordinator daemon, sites): the slow half of `make test`.
 pytestmark = pytest.mark.slow
@@ -54,7 +63,8 @@ def run(tmp_path_factory):
     coord = Coordinator(root / "coord", CONFIG)
     coord.start()
     clients = start_sites(coord, layout.site_dirs, root, cache,
-                          extra=lambda i: ("--max-upload-rate", "0.04") if f"site-{i + 1}" == SLOW_SITE else ())
+                          extra=lambda i: ("--progress-every", "0",
+                                           *(("--max-upload-rate", "0.04") if f"site-{i + 1}" == SLOW_SITE else ())))
     observed = Observations()
     try:
         # Round 2 with some updates accepted and the slow site still uploading: kill the coordinator.
@@ -89,10 +99,13 @@ class Observations:
     def __init__(self) -> None:
         self.states: set[tuple[str, str]] = set()
         self.upload_progress: list[tuple[int, int]] = []
+        self.steps: set[tuple[int, int]] = set()
 
     def sample(self, coord: Coordinator) -> None:
-        for row in coord.query("SELECT name, state, bytes_done, bytes_total FROM clients"):
+        for row in coord.query("SELECT name, state, bytes_done, bytes_total, step, steps_total FROM clients"):
             self.states.add((row["name"], row["state"]))
+            if row["state"] == "training" and row["steps_total"]:
+                self.steps.add((row["step"], row["steps_total"]))
             if row["state"] == "uploading" and row["bytes_done"]:
                 self.upload_progress.append((row["bytes_done"], row["bytes_total"]))
 
@@ -109,7 +122,11 @@ def test_every_site_finishes_and_every_round_has_a_global(run):
 
 def test_status_showed_round_phases_and_upload_progress(run):
     states = {state for _, state in run["observed"].states}
-    assert {"training", "uploading"} <= states, states
+    assert {"initializing", "training", "uploading"} <= states, states
+    assert any(0 < step <= total for step, total in run["observed"].steps), run["observed"].steps
+    for name in run["clients"]:  # progress lines during each local round, not only its summary at the end
+        log = (run["root"] / f"{name}.log").read_text()
+        assert re.search(r"round 1: step \d+/\d+ \(\d+%\)", log), log[-2000:]
     assert any(0 < done < total for done, total in run["observed"].upload_progress)
     mid = run["status_mid_round"]
     assert mid["round"] == 2 and mid["total_rounds"] == 3 and mid["phase"] == "training"
@@ -133,29 +150,63 @@ def test_coordinator_killed_mid_round_kept_accepted_updates_and_did_not_ask_agai
     assert "coordinator unreachable" in (run["root"] / f"{SLOW_SITE}.log").read_text()
 
 
-def test_exported_adapter_loads_with_peft_and_reproduces_the_global(run, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
+def exported_with_base(run, tmp_path):
+    """`export` of global 3 to tmp/adapter and the base `export` says to rebuild, built with that command."""
+    coord = run["coord"]
+    out = coord_cli("export", "--dir", str(coord.fed.root), "--round", "3", "--out", str(tmp_path / "adapter"))
+    rebuild = out.split("rebuild it with: ", 1)[1].strip()
+    assert rebuild == "fedvlm models build tiny-llava --out base/"
+    result = subprocess.run(shlex.split(rebuild), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=env_for_subprocess(FEDVLM_CACHE=str(tmp_path / "fresh-cache"),  # built anew
+                                                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"))
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "adapter", tmp_path / "base"
 
+
+def global_learner(run, number: int):
     from fedvlm.learner import Learner
     from fedvlm.spec import TaskSpec
 
     coord = run["coord"]
-    out = tmp_path / "adapter"
-    coord_cli("export", "--dir", str(coord.fed.root), "--round", "3", "--out", str(out))
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     task = TaskSpec.from_json(coord.query("SELECT task_json FROM runs")[0]["task_json"])
-    digest = coord.query("SELECT digest FROM globals WHERE round=3")[0]["digest"]
-    global_tensors = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+    digest = coord.query("SELECT digest FROM globals WHERE round=?", (number,))[0]["digest"]
     learner = Learner(task, run["layout"].site_dirs[0], cache_dir=run["cache"])
-    learner.load_adapter_state(global_tensors)
+    learner.load_adapter_state(adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes()))
+    return learner
+
+
+def test_exported_adapter_loads_with_peft_on_the_rebuilt_base_and_reproduces_the_global(run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out, base_dir = exported_with_base(run, tmp_path)
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((out / "adapter_config.json").read_text())
-    base = AutoModelForImageTextToText.from_pretrained(config["base_model_name_or_path"])
-    exported = PeftModel.from_pretrained(base, out).eval()
+    assert config["base_model_name_or_path"] == "tiny-llava" and config["revision"] is None
+    assert json.loads((out / "fedvlm_global.json").read_text())["base_model"]["rebuild"].startswith("fedvlm models")
+    learner = global_learner(run, 3)
+    exported = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), out).eval()
     learner.model.eval()
     batch = learner.batches.training(learner._examples["test"][:4])
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, learner.model(**batch).logits)
+
+
+def test_the_readme_snippet_runs_as_written_and_answers_as_fedvlm_does(run, tmp_path):
+    from fedvlm.train import generate_answers
+
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- snippet: load-adapter -->\n```python\n", 1)[1].split("```", 1)[0]
+    exported_with_base(run, tmp_path)
+    learner = global_learner(run, 3)
+    example = learner._examples["test"][0]
+    assert example.exchanges[0][0] == "What digit is shown?"  # the question the snippet asks
+    shutil.copy(example.images[0], tmp_path / "example.png")
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=env_for_subprocess())
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = generate_answers(learner.model, learner.batches, [example], 1, 4)[0]
+    assert result.stdout.rstrip("\n") == expected
 
 
 def test_audit_chain_verifies_after_the_run(run):

@@ -3,6 +3,7 @@ and the clear one-line errors of bad input."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
@@ -22,7 +24,7 @@ from fedvlm.wire.credentials import mtls_channel
 from fedvlm.wire.v1 import admin_pb2, admin_pb2_grpc
 from fedvlm.wire.v1 import federation_pb2 as pb
 
-from .harness import Coordinator, RawSite, coord_cli, rpc_code
+from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -94,18 +96,69 @@ def test_remote_status_needs_the_admin_certificate(ops):
     out = coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root), "--json")
     assert '"live": true' in out and '"alpha"' in out
     table = coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root))
-    assert "alpha" in table and "round 0 of 1" in table
+    assert "alpha" in table and "waiting for the initial adapter, then 1 rounds" in " ".join(table.split())
     admin_as_site = admin_pb2_grpc.AdminStub(site.channel)
     assert rpc_code(lambda: admin_as_site.GetStatus(admin_pb2.StatusRequest(), timeout=5)) == \
         grpc.StatusCode.PERMISSION_DENIED
 
 
 @pytest.mark.slow
-def test_prometheus_metrics_show_the_run_and_the_sites(ops):
+def test_remote_and_local_json_are_the_same_document(ops):
+    coord, _, _ = ops
+    remote = json.loads(coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root), "--json"))
+    local = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
+    assert remote.pop("live") is True and local.pop("live") is False
+    remote.pop("now_unix"), local.pop("now_unix")
+    for doc in (remote, local):
+        for client in doc["clients"]:
+            client.pop("last_heartbeat_unix")  # alpha may poll between the two reads
+    assert remote == local
+    assert set(local) == {f.name for f in admin_pb2.FederationStatus.DESCRIPTOR.fields} - {"live", "now_unix"}
+    assert local["phase"] == "init" and isinstance(local["clients"][0]["bytes_total"], int)
+
+
+@pytest.mark.slow
+def test_prometheus_metrics_follow_the_conventions_with_counters_and_histograms(ops):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    coord, site, _ = ops
+    task = site.poll()
+    data = tensors_bytes({"w": torch.zeros(2, 2)})
+    if task.action == pb.ACTION_INIT:  # alpha builds run 1's initial adapter: one accepted update
+        site.send(site.manifest(task, data), data)
+    bad = site.manifest(task, data, round=5)
+    assert rpc_code(lambda: site.send(bad, data)) == grpc.StatusCode.FAILED_PRECONDITION
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    assert "fedvlm_rounds_total 1.0" in text
-    assert 'fedvlm_client_state{client="alpha",state="idle"} 1.0' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    kinds = {name: f.type for name, f in families.items() if name.startswith("fedvlm_")}
+    assert kinds == {
+        "fedvlm_run_number": "gauge", "fedvlm_run_state": "gauge", "fedvlm_round": "gauge",
+        "fedvlm_run_rounds": "gauge", "fedvlm_round_updates_accepted": "gauge", "fedvlm_round_sites_sampled": "gauge",
+        "fedvlm_round_deadline_timestamp_seconds": "gauge", "fedvlm_client_state": "gauge",
+        "fedvlm_client_last_heartbeat_timestamp_seconds": "gauge", "fedvlm_client_transfer_bytes": "gauge",
+        "fedvlm_updates_accepted": "counter", "fedvlm_updates_refused": "counter",
+        "fedvlm_update_received_bytes": "counter", "fedvlm_global_sent_bytes": "counter",
+        "fedvlm_enrollments": "counter", "fedvlm_upload_duration_seconds": "histogram",
+        "fedvlm_aggregation_duration_seconds": "histogram", "fedvlm_round_duration_seconds": "histogram",
+    }
+    for name, kind in kinds.items():  # `_total` only on counter samples; no gauge named like a counter
+        samples = {s.name for s in families[name].samples}
+        assert (kind == "counter") == all(n.endswith("_total") for n in samples), (name, samples)
+
+    def value(family: str, sample: str, **labels) -> float:
+        return next(s.value for s in families[family].samples if s.name == sample and s.labels == labels)
+
+    assert value("fedvlm_updates_accepted", "fedvlm_updates_accepted_total") == 1
+    assert value("fedvlm_updates_refused", "fedvlm_updates_refused_total", reason="failed_precondition") == 1
+    assert value("fedvlm_update_received_bytes", "fedvlm_update_received_bytes_total") == len(data)
+    assert value("fedvlm_enrollments", "fedvlm_enrollments_total", result="accepted") >= 1
+    assert value("fedvlm_upload_duration_seconds", "fedvlm_upload_duration_seconds_count") == 1
+    assert value("fedvlm_run_rounds", "fedvlm_run_rounds") == 1
+    states = {s.labels["state"]: s.value for s in families["fedvlm_client_state"].samples
+              if s.labels["client"] == "alpha"}
+    assert sum(states.values()) == 1 and {"idle", "training", "offline", "failed"} <= set(states)
+    assert "fedvlm_global_eval" not in families  # nothing scored yet; never num_examples as a metric label
 
 
 @pytest.mark.slow
@@ -157,3 +210,40 @@ def test_config_errors_name_the_bad_key(tmp_path, toml, key):
     path.write_text(toml)
     with pytest.raises(SpecError, match=key.replace(".", r"\.")):
         FederationConfig.load(path)
+
+
+def test_init_prints_unwrapped_copyable_lines_and_keeps_secrets_private(tmp_path):
+    import hashlib
+    import os
+    import stat
+
+    from fedvlm.coordinator.state import State
+
+    root = tmp_path / "a federation"  # a space: the printed commands quote it
+    result = subprocess.run([sys.executable, "-c", "from fedvlm.coordinator.cli import main; main()", "init",
+                             "--dir", str(root), "--host", "coord.example.org,10.0.0.5"],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "40", "EDITOR": "nano"},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    fingerprint = lines[lines.index("CA fingerprint (sha256):") + 1].strip()
+    assert len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint)
+    token = next(lines[i + 1].strip() for i, line in enumerate(lines) if line.startswith("dashboard token"))
+    assert token.startswith("fvd1.") and len(token) > 40
+    quoted = f"'{root}'"
+    for command in (f"nano '{root}/federation.toml'", f"fedvlm-coord enroll SITE --dir {quoted}",
+                    f"fedvlm-coord serve --dir {quoted}"):
+        assert f"  {command}" in lines, (command, lines)  # whole, on one line, although the terminal is 40 wide
+    mode = {p: stat.S_IMODE(p.stat().st_mode) for p in (root, root / "pki", root / "state.db",
+                                                         root / "pki" / "ca.key", root / "pki" / "server.key",
+                                                         root / "pki" / "admin.key")}
+    assert mode[root] == mode[root / "pki"] == 0o700
+    assert all(m == 0o600 for p, m in mode.items() if p.is_file()), mode
+    state = State(root / "state.db", readonly=True)
+    assert state.dashboard_token_sha256() == hashlib.sha256(token.encode()).hexdigest()
+    state.close()
+    rotated = CliRunner().invoke(coord_app, ["dashboard-token", "--dir", str(root)]).output.strip()
+    state = State(root / "state.db", readonly=True)
+    assert rotated != token and state.dashboard_token_sha256() == hashlib.sha256(rotated.encode()).hexdigest()
+    assert [e.entry["kind"] for e in state.audit_entries()][-1] == "dashboard_token"
+    state.close()

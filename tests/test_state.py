@@ -12,10 +12,12 @@ from fedvlm.coordinator.cli import app as coord_app
 from fedvlm.coordinator.config import RunConfig
 from fedvlm.coordinator.layout import FederationDir
 from fedvlm.coordinator.state import (
+    CONFIG_FROM_FEDERATION_TOML,
     GENESIS,
     SCHEMA_VERSION,
     Activity,
     MetricsKind,
+    RunState,
     State,
     StateError,
     audit_hash,
@@ -37,22 +39,44 @@ OLD_TASK_JSON = (
 )
 
 
-def test_a_new_state_records_schema_version_1(tmp_path):
+def test_a_new_state_records_the_current_schema_version(tmp_path):
     state = State(tmp_path / "state.db")
-    assert SCHEMA_VERSION == 1 and state.schema_version() == 1
+    assert SCHEMA_VERSION == 2 and state.schema_version() == 2
     state.close()
-    assert State(tmp_path / "state.db", readonly=True).schema_version() == 1
+    assert State(tmp_path / "state.db", readonly=True).schema_version() == 2
 
 
-def test_a_state_from_before_versions_were_recorded_opens_as_version_1(tmp_path):
-    db = sqlite3.connect(tmp_path / "state.db")
+def _version_1_database(path, user_version: int) -> None:
+    """A state.db as fedvlm wrote it before runs were a lifecycle: version-1 tables, a run, a heartbeat."""
+    db = sqlite3.connect(path)
     db.executescript(SCHEMA)
     db.execute("INSERT INTO meta(key, value) VALUES ('federation_id', 'old')")
+    db.execute("INSERT INTO runs(run_id, config_json, task_json, state, round, created_at) VALUES (?,?,?,?,?,?)",
+               ("r1", '{"rounds": 2}', TaskSpec().to_json(), "running", 2, 100.0))
+    db.execute("INSERT INTO clients(name, cert_fingerprint, enrolled_at, state, detail, last_seen) "
+               "VALUES ('a', 'fp', 1.0, 'training', 'round 2: step 3/9', 50.0)")
+    db.execute(f"PRAGMA user_version={user_version}")
     db.commit()
     db.close()
-    assert State(tmp_path / "state.db", readonly=True).schema_version() == 0  # read as it is
-    state = State(tmp_path / "state.db")
-    assert state.schema_version() == 1 and state.federation_id() == "old"
+
+
+@pytest.mark.parametrize("user_version", [0, 1])
+@pytest.mark.parametrize("readonly", [False, True])
+def test_an_older_state_is_upgraded_in_place_and_keeps_its_runs_and_sites(tmp_path, user_version, readonly):
+    _version_1_database(tmp_path / "state.db", user_version)
+    state = State(tmp_path / "state.db", readonly=readonly)  # a read-only command upgrades it too
+    assert state.schema_version() == 2 and state.federation_id() == "old"
+    run = state.current_run()
+    assert (run.run_id, run.state, run.round, run.number, run.config.rounds) == ("r1", RunState.RUNNING, 2, 1, 2)
+    assert run.stop_reason is None and run.config_source == CONFIG_FROM_FEDERATION_TOML
+    client = state.client("a")
+    assert (client.activity, client.detail, client.run_id, client.step, client.steps_total) == \
+        (Activity.TRAINING, "round 2: step 3/9", None, 0, 0)
+    state.close()
+    writable = State(tmp_path / "state.db")  # the upgraded tables take the new transitions
+    writable.stop_run("r1", "operator")
+    writable.record_heartbeat("a", Activity.TRAINING, "", 0, 0, run_id="r1", step=4, steps_total=9)
+    assert writable.current_run().state is RunState.STOPPED and writable.client("a").step == 4
 
 
 @pytest.mark.parametrize("readonly", [False, True])
@@ -61,12 +85,12 @@ def test_a_state_from_a_newer_version_is_refused_and_left_alone(tmp_path, readon
     state.init_federation("f" * 32, "ca")
     state.close()
     db = sqlite3.connect(tmp_path / "state.db")
-    db.execute("PRAGMA user_version=2")
+    db.execute("PRAGMA user_version=3")
     db.close()
-    with pytest.raises(StateError, match=r"state schema version 2 is newer than this fedvlm's \(1\)"):
+    with pytest.raises(StateError, match=r"state schema version 3 is newer than this fedvlm's \(2\)"):
         State(tmp_path / "state.db", readonly=readonly)
     db = sqlite3.connect(tmp_path / "state.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     assert db.execute("SELECT value FROM meta").fetchall() == [("f" * 32,)]
 
 
@@ -83,7 +107,7 @@ def test_the_cli_refuses_a_newer_state_directory_with_one_line(tmp_path):
         assert result.exit_code == 1, (args, result.output)
         text = " ".join(result.output.split())  # rich wraps long lines at the terminal's width
         assert text.startswith("error:") and text.count("error:") == 1, (args, result.output)
-        assert "state schema version 7 is newer than this fedvlm's (1)" in text and "Traceback" not in text
+        assert "state schema version 7 is newer than this fedvlm's (2)" in text and "Traceback" not in text
 
 
 def test_a_file_that_is_not_a_database_is_refused(tmp_path):

@@ -5,7 +5,7 @@ returns. See docs/operations.md for the state directory.
 """
 
 from . import records
-from .db import COORDINATOR, SCHEMA_VERSION, State, StateError
+from .db import COORDINATOR, SCHEMA_VERSION, State, StateError, TransitionRefused
 from .records import *  # noqa: F403 - the package is the one place the records are imported from
 
-__all__ = ["COORDINATOR", "SCHEMA_VERSION", "State", "StateError", *records.__all__]
+__all__ = ["COORDINATOR", "SCHEMA_VERSION", "State", "StateError", "TransitionRefused", *records.__all__]

@@ -27,6 +27,7 @@ from fedvlm.tables import from_table
 
 from ..config import RunConfig
 from .records import (
+    CONFIG_FROM_FEDERATION_TOML,
     GENESIS,
     Activity,
     AssignmentState,
@@ -48,8 +49,9 @@ from .records import (
 )
 
 # The schema's version, kept in SQLite's `PRAGMA user_version`. 0 is a database from before versions were
-# recorded (the same tables as version 1). A change of the tables means a new number and an upgrade step here.
-SCHEMA_VERSION = 1
+# recorded (the same tables as version 1). A change of the tables means a new number and an upgrade step in
+# UPGRADES; every database, new or old, is SCHEMA (version 1) plus the upgrades past its own version, in order.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -92,11 +94,30 @@ CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY, entry_json TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 """
 
+# Version -> the statements that upgrade a database of the version before it.
+UPGRADES = {
+    # Runs as a lifecycle (run new / stop), sites' fatal errors and structured training progress. New enum values
+    # too: RunState.STOPPED, Activity.INITIALIZING and Activity.FAILED, which a version-1 fedvlm cannot read.
+    2: """
+    ALTER TABLE runs ADD COLUMN stop_reason TEXT;
+    ALTER TABLE runs ADD COLUMN config_source TEXT;
+    ALTER TABLE clients ADD COLUMN run_id TEXT;
+    ALTER TABLE clients ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE clients ADD COLUMN steps_total INTEGER NOT NULL DEFAULT 0;
+    """,
+}
+
+RUN_COLUMNS = "runs.*, (SELECT COUNT(*) FROM runs AS earlier WHERE earlier.rowid <= runs.rowid) AS number"
+
 COORDINATOR = "@coordinator"  # the `client` of metrics rows written by the server step (e.g. DP epsilon)
 
 
 class StateError(Exception):
     """state.db cannot be used by this version of fedvlm; the message says why, in one line."""
+
+
+class TransitionRefused(Exception):
+    """The stored state does not allow this transition now (nothing was changed); the message says why."""
 
 
 def _canonical(entry: dict[str, Any]) -> str:
@@ -138,11 +159,25 @@ class State:
         if version > SCHEMA_VERSION:
             raise StateError(f"{self.path}: state schema version {version} is newer than this fedvlm's "
                              f"({SCHEMA_VERSION}); use the fedvlm version that wrote it")
+        self._db.execute("PRAGMA busy_timeout=10000")
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        self._db.execute("PRAGMA busy_timeout=10000")
+            _upgrade(self._db)
+        elif version < SCHEMA_VERSION:
+            # A read-only command (status, rounds) on a directory an older fedvlm wrote: the upgrade is one
+            # transaction on a connection of its own, then this one reads the upgraded tables.
+            try:
+                writer = sqlite3.connect(self.path, isolation_level=None)
+                try:
+                    writer.execute("PRAGMA busy_timeout=10000")
+                    _upgrade(writer)
+                finally:
+                    writer.close()
+            except sqlite3.OperationalError as exc:
+                raise StateError(f"{self.path}: state schema version {version} needs an upgrade to "
+                                 f"{SCHEMA_VERSION}, which failed ({exc}); open it once writable "
+                                 "(e.g. `fedvlm-coord serve`)") from exc
 
     def schema_version(self) -> int:
         """The schema version recorded in the database (0: written before versions were recorded)."""
@@ -195,6 +230,18 @@ class State:
         row = self._one("SELECT value FROM meta WHERE key='federation_id'")
         return row["value"] if row else None
 
+    def set_dashboard_token(self, token_sha256: str) -> None:
+        """The web dashboard accepts, from now on, only the token with this SHA-256 (the token is never stored)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES ('dashboard_token_sha256', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (token_sha256,))
+            self._audit(db, {"kind": "dashboard_token"})
+
+    def dashboard_token_sha256(self) -> str | None:
+        """The SHA-256 of the dashboard token (None: no token was ever issued)."""
+        row = self._one("SELECT value FROM meta WHERE key='dashboard_token_sha256'")
+        return row["value"] if row else None
+
     # -- enrollment and sites ------------------------------------------------------------------------------------
     def issue_token(self, token_id: str, name: str, proof_key: bytes, expires_at: float) -> None:
         """Store a new join token for site `name` (only its proof key, never the secret)."""
@@ -241,11 +288,18 @@ class State:
         """Every enrolled site, by name."""
         return [_client(row) for row in self._all("SELECT * FROM clients ORDER BY name")]
 
-    def record_heartbeat(self, name: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int) -> None:
-        """A site polled: what it is doing, and now as its last-seen time."""
+    def record_heartbeat(self, name: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int,
+                         run_id: str | None = None, step: int = 0, steps_total: int = 0) -> None:
+        """A site polled: what it is doing (for run `run_id`; training step k of n), and now as its last-seen time."""
         with self._tx() as db:
-            db.execute("UPDATE clients SET state=?, detail=?, bytes_done=?, bytes_total=?, last_seen=? WHERE name=?",
-                       (activity.value, detail, bytes_done, bytes_total, self.now(), name))
+            db.execute("UPDATE clients SET state=?, detail=?, bytes_done=?, bytes_total=?, last_seen=?, run_id=?, "
+                       "step=?, steps_total=? WHERE name=?",
+                       (activity.value, detail, bytes_done, bytes_total, self.now(), run_id or None, step,
+                        steps_total, name))
+
+    def record_failure(self, name: str, reason: str, run_id: str | None) -> None:
+        """Site `name`'s agent stopped on an error: it is failed, with its one-line `reason`, until it polls again."""
+        self.record_heartbeat(name, Activity.FAILED, reason, 0, 0, run_id)
 
     def live_clients(self, heartbeat_timeout: float) -> list[str]:
         """Sites not revoked that polled within `heartbeat_timeout` seconds, by name."""
@@ -255,31 +309,58 @@ class State:
 
     # -- runs ------------------------------------------------------------------------------------------------------
     def current_run(self) -> Run | None:
-        """The newest run."""
-        row = self._one("SELECT * FROM runs ORDER BY created_at DESC LIMIT 1")
-        if row is None:
-            return None
-        server_state = ServerStateRef.from_json(row["server_state"]) if row["server_state"] else None
-        return Run(row["run_id"], RunState(row["state"]), row["round"], row["init_client"], row["schema_json"],
-                   row["adapter_config"], from_table(RunConfig, json.loads(row["config_json"]), "run"),
-                   row["task_json"], server_state)
+        """The newest run (whatever its state)."""
+        row = self._one(f"SELECT {RUN_COLUMNS} FROM runs ORDER BY rowid DESC LIMIT 1")
+        return _run(row) if row else None
 
-    def create_run(self, run_id: str, config: RunConfig, task: TaskSpec) -> Run:
-        """A new run in state init: it waits for a site to provide the initial adapter."""
+    def run(self, run_id: str) -> Run | None:
+        """The run with this id."""
+        row = self._one(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,))
+        return _run(row) if row else None
+
+    def runs(self) -> list[Run]:
+        """Every run of the federation, oldest first (their `number`s are 1, 2, ...)."""
+        return [_run(row) for row in self._all(f"SELECT {RUN_COLUMNS} FROM runs ORDER BY rowid")]
+
+    def create_run(self, run_id: str, config: RunConfig, task: TaskSpec,
+                   config_source: str = CONFIG_FROM_FEDERATION_TOML) -> Run:
+        """A new run in state init: it waits for a site to provide the initial adapter, and becomes the current run.
+        Refused (TransitionRefused, nothing written) while the current run is still active."""
         task_json = task.to_json()
         with self._tx() as db:
-            db.execute("INSERT INTO runs(run_id, config_json, task_json, state, round, created_at)"
-                       " VALUES (?,?,?,?,?,?)", (run_id, json.dumps(asdict(config), sort_keys=True), task_json,
-                                                 RunState.INIT.value, 0, self.now()))
-            self._audit(db, {"kind": "run", "run_id": run_id, "task": task_json})
-        return self.current_run()
+            row = db.execute(f"SELECT {RUN_COLUMNS} FROM runs ORDER BY rowid DESC LIMIT 1").fetchone()
+            if row is not None and RunState(row["state"]).active:
+                raise TransitionRefused(f"run {row['number']} ({row['run_id']}) is {row['state']}: stop it first "
+                                        "(`fedvlm-coord run stop`) or wait until it is done")
+            db.execute("INSERT INTO runs(run_id, config_json, task_json, state, round, created_at, config_source)"
+                       " VALUES (?,?,?,?,?,?,?)", (run_id, json.dumps(asdict(config), sort_keys=True), task_json,
+                                                   RunState.INIT.value, 0, self.now(), config_source))
+            self._audit(db, {"kind": "run", "run_id": run_id, "task": task_json,
+                             "config": json.dumps(asdict(config), sort_keys=True), "source": config_source})
+        return self.run(run_id)
+
+    def stop_run(self, run_id: str, reason: str) -> Run:
+        """An active run stops for good (its open round takes no more updates; sites are told it is over), with the
+        operator's `reason`. Refused (TransitionRefused) if the run is unknown or already done or stopped."""
+        now = self.now()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise TransitionRefused(f"no run {run_id}")
+            if not RunState(row["state"]).active:
+                raise TransitionRefused(f"run {run_id} is already {row['state']}")
+            db.execute("UPDATE runs SET state=?, finished_at=?, stop_reason=? WHERE run_id=?",
+                       (RunState.STOPPED.value, now, reason, run_id))
+            db.execute("UPDATE rounds SET finished_at=? WHERE run_id=? AND finished_at IS NULL", (now, run_id))
+            self._audit(db, {"kind": "run_stopped", "run_id": run_id, "reason": reason})
+        return self.run(run_id)
 
     def claim_init(self, run_id: str, client: str) -> Run:
         """Site `client` becomes the provider of the initial adapter unless another one already is; returns the
         run as it is afterwards."""
         with self._tx() as db:
             db.execute("UPDATE runs SET init_client=? WHERE run_id=? AND init_client IS NULL", (client, run_id))
-        return self.current_run()
+        return self.run(run_id)
 
     def release_init(self, run_id: str) -> None:
         """The site chosen for the initial adapter went away: the next site to poll may claim it."""
@@ -523,10 +604,35 @@ class State:
         return row["hash"] if row else None
 
 
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a database of any known version (0 = an empty file, too) to SCHEMA_VERSION, in one transaction."""
+    if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]  # again, under the lock: another process may have
+        script = SCHEMA + "".join(UPGRADES[v] for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1))
+        for statement in filter(str.strip, script.split(";")):  # no statement holds a ";" of its own
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _run(row: sqlite3.Row) -> Run:
+    server_state = ServerStateRef.from_json(row["server_state"]) if row["server_state"] else None
+    return Run(row["run_id"], RunState(row["state"]), row["round"], row["init_client"], row["schema_json"],
+               row["adapter_config"], from_table(RunConfig, json.loads(row["config_json"]), "run"), row["task_json"],
+               server_state, row["number"], row["created_at"], row["finished_at"], row["stop_reason"],
+               row["config_source"] or CONFIG_FROM_FEDERATION_TOML)
+
+
 def _client(row: sqlite3.Row) -> Client:
     return Client(row["name"], row["cert_fingerprint"], row["enrolled_at"], bool(row["revoked"]),
                   Activity(row["state"]), row["detail"], row["bytes_done"], row["bytes_total"], row["last_seen"],
-                  json.loads(row["last_metrics"]))
+                  json.loads(row["last_metrics"]), row["run_id"], row["step"], row["steps_total"])
 
 
 def _upload(row: sqlite3.Row) -> Upload:

@@ -18,18 +18,26 @@ from fedvlm.spec import TaskSpec
 from ..config import RunConfig
 
 __all__ = [
-    "GENESIS", "Activity", "AssignmentState", "AuditEntry", "Client", "GlobalVersion", "MetricsKind", "MetricsReport",
+    "CONFIG_FROM_FEDERATION_TOML", "GENESIS", "Activity", "AssignmentState", "AuditEntry", "Client", "GlobalVersion",
+    "MetricsKind", "MetricsReport",
     "Next", "Round", "RoundPhase", "Run", "RunState", "ServerStateRef", "Token", "Update", "Upload", "audit_hash",
 ]
 
 
 class RunState(StrEnum):
-    """A run's life: init (waiting for the initial adapter) -> running -> evaluating (optional) -> done."""
+    """A run's life: init (waiting for the initial adapter) -> running -> evaluating (optional) -> done; any state
+    before done -> stopped (`fedvlm-coord run stop`, with a reason). Done and stopped are final."""
 
     INIT = "init"
     RUNNING = "running"
     EVALUATING = "evaluating"
     DONE = "done"
+    STOPPED = "stopped"
+
+    @property
+    def active(self) -> bool:
+        """Whether the run still schedules work (a new run may start only once the current one is not active)."""
+        return self not in (RunState.DONE, RunState.STOPPED)
 
 
 class RoundPhase(StrEnum):
@@ -57,11 +65,13 @@ class Activity(StrEnum):
     """What a site last said it is doing (its heartbeat)."""
 
     IDLE = "idle"
+    INITIALIZING = "initializing"  # building the model and the run's initial adapter
     DOWNLOADING = "downloading"
     TRAINING = "training"
     UPLOADING = "uploading"
     DONE = "done"
     EVALUATING = "evaluating"
+    FAILED = "failed"  # the agent stopped on an error; `detail` holds its one-line reason
 
 
 class MetricsKind(StrEnum):
@@ -81,6 +91,7 @@ class Next(StrEnum):
 
 
 GENESIS = "0" * 64  # the audit chain's link before its first entry
+CONFIG_FROM_FEDERATION_TOML = "federation.toml"  # a run whose config is the federation directory's own file
 
 
 def audit_hash(prev_hash: str, entry_json: str) -> str:
@@ -119,6 +130,11 @@ class Run:
     config: RunConfig  # the schedule the run was created with
     task_json: str = field(repr=False)  # the task spec's canonical JSON, exactly as sites receive it
     server_state: ServerStateRef | None = None  # None: a run created before server states existed
+    number: int = 1  # 1 for the federation's first run, 2 for the next...
+    created_at: float = 0.0
+    finished_at: float | None = None  # when it became done or stopped
+    stop_reason: str | None = None  # why it was stopped (None unless stopped)
+    config_source: str = CONFIG_FROM_FEDERATION_TOML  # the file its config came from
 
     @functools.cached_property
     def task(self) -> TaskSpec:
@@ -155,6 +171,9 @@ class Client:
     bytes_total: int
     last_seen: float | None
     last_metrics: dict[str, float]
+    run_id: str | None = None  # the run its last heartbeat was about (None: before it said, or an older agent)
+    step: int = 0  # training progress of its last heartbeat: optimizer step k of steps_total (0 of 0: not training)
+    steps_total: int = 0
 
 
 @dataclass(frozen=True)

@@ -367,6 +367,15 @@ def cert_name(cert: x509.Certificate) -> str:
     return _single_attribute(cert, NameOID.COMMON_NAME, "CN")
 
 
+def cert_hosts(cert: x509.Certificate) -> list[str]:
+    """The DNS names, then the IP addresses, a (server) certificate is valid for (its subject alternative names)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise ValueError("the certificate names no host (no subject alternative name)") from exc
+    return [*sans.get_values_for_type(x509.DNSName), *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+
+
 def cert_role(cert: x509.Certificate) -> str:
     """The subject OU (``"client"``, ``"admin"`` or ``"server"`` for certs issued here).
 

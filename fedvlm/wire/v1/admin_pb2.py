@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64vlm/v1/admin.proto\x12\tfedvlm.v1\"\x0f\n\rStatusRequest\"\x86\x02\n\x0c\x43lientStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x12\n\nbytes_done\x18\x04 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x03\x12\x1b\n\x13last_heartbeat_unix\x18\x06 \x01(\x01\x12>\n\x0clast_metrics\x18\x07 \x03(\x0b\x32(.fedvlm.v1.ClientStatus.LastMetricsEntry\x12\x0f\n\x07sampled\x18\x08 \x01(\x08\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf0\x02\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x05\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x15\n\rglobal_digest\x18\x03 \x01(\t\x12\x13\n\x0bnum_updates\x18\x04 \x01(\x05\x12=\n\x0c\x65val_metrics\x18\x05 \x03(\x0b\x32\'.fedvlm.v1.RoundStatus.EvalMetricsEntry\x12\x14\n\x0cstarted_unix\x18\x06 \x01(\x01\x12\x15\n\rfinished_unix\x18\x07 \x01(\x01\x12\x41\n\x0eserver_metrics\x18\x08 \x03(\x0b\x32).fedvlm.v1.RoundStatus.ServerMetricsEntry\x1a\x32\n\x10\x45valMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12ServerMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbc\x02\n\x10\x46\x65\x64\x65rationStatus\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\trun_state\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x05\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x0e\n\x06quorum\x18\x08 \x01(\x05\x12\x0f\n\x07sampled\x18\t \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x05\x12(\n\x07\x63lients\x18\x0b \x03(\x0b\x32\x17.fedvlm.v1.ClientStatus\x12&\n\x06rounds\x18\x0c \x03(\x0b\x32\x16.fedvlm.v1.RoundStatus\x12\x10\n\x08now_unix\x18\r \x01(\x01\x12\x0c\n\x04live\x18\x0e \x01(\x08\x32K\n\x05\x41\x64min\x12\x42\n\tGetStatus\x12\x18.fedvlm.v1.StatusRequest\x1a\x1b.fedvlm.v1.FederationStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64vlm/v1/admin.proto\x12\tfedvlm.v1\"\x1c\n\rStatusRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\"\xea\x02\n\x0c\x43lientStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x12\n\nbytes_done\x18\x04 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x03\x12\x1b\n\x13last_heartbeat_unix\x18\x06 \x01(\x01\x12>\n\x0clast_metrics\x18\x07 \x03(\x0b\x32(.fedvlm.v1.ClientStatus.LastMetricsEntry\x12\x0f\n\x07sampled\x18\x08 \x01(\x08\x12\x0c\n\x04step\x18\t \x01(\x05\x12\x13\n\x0bsteps_total\x18\n \x01(\x05\x12\x15\n\rtrain_seconds\x18\x0b \x01(\x01\x12\x13\n\x0btrain_steps\x18\x0c \x01(\x05\x12\x13\n\x0btrain_round\x18\r \x01(\x05\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf3\x01\n\nRunSummary\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0brounds_done\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x11\n\talgorithm\x18\x08 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\x12\x15\n\rfinished_unix\x18\n \x01(\x01\x12\x13\n\x0bstop_reason\x18\x0b \x01(\t\x12\x15\n\rconfig_source\x18\x0c \x01(\t\"\xf0\x02\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x05\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x15\n\rglobal_digest\x18\x03 \x01(\t\x12\x13\n\x0bnum_updates\x18\x04 \x01(\x05\x12=\n\x0c\x65val_metrics\x18\x05 \x03(\x0b\x32\'.fedvlm.v1.RoundStatus.EvalMetricsEntry\x12\x14\n\x0cstarted_unix\x18\x06 \x01(\x01\x12\x15\n\rfinished_unix\x18\x07 \x01(\x01\x12\x41\n\x0eserver_metrics\x18\x08 \x03(\x0b\x32).fedvlm.v1.RoundStatus.ServerMetricsEntry\x1a\x32\n\x10\x45valMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12ServerMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x03\n\x10\x46\x65\x64\x65rationStatus\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\trun_state\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x05\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x0e\n\x06quorum\x18\x08 \x01(\x05\x12\x0f\n\x07sampled\x18\t \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\n \x01(\x05\x12(\n\x07\x63lients\x18\x0b \x03(\x0b\x32\x17.fedvlm.v1.ClientStatus\x12&\n\x06rounds\x18\x0c \x03(\x0b\x32\x16.fedvlm.v1.RoundStatus\x12\x10\n\x08now_unix\x18\r \x01(\x01\x12\x0c\n\x04live\x18\x0e \x01(\x08\x12\x12\n\nrun_number\x18\x0f \x01(\x05\x12\x13\n\x0bstop_reason\x18\x10 \x01(\t\x12\x15\n\rconfig_notice\x18\x11 \x01(\t\x12#\n\x04runs\x18\x12 \x03(\x0b\x32\x15.fedvlm.v1.RunSummary2K\n\x05\x41\x64min\x12\x42\n\tGetStatus\x12\x18.fedvlm.v1.StatusRequest\x1a\x1b.fedvlm.v1.FederationStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSTATUS_SERVERMETRICSENTRY']._loaded_options = None
   _globals['_ROUNDSTATUS_SERVERMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREQUEST']._serialized_start=36
-  _globals['_STATUSREQUEST']._serialized_end=51
-  _globals['_CLIENTSTATUS']._serialized_start=54
-  _globals['_CLIENTSTATUS']._serialized_end=316
-  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_start=266
-  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_end=316
-  _globals['_ROUNDSTATUS']._serialized_start=319
-  _globals['_ROUNDSTATUS']._serialized_end=687
-  _globals['_ROUNDSTATUS_EVALMETRICSENTRY']._serialized_start=583
-  _globals['_ROUNDSTATUS_EVALMETRICSENTRY']._serialized_end=633
-  _globals['_ROUNDSTATUS_SERVERMETRICSENTRY']._serialized_start=635
-  _globals['_ROUNDSTATUS_SERVERMETRICSENTRY']._serialized_end=687
-  _globals['_FEDERATIONSTATUS']._serialized_start=690
-  _globals['_FEDERATIONSTATUS']._serialized_end=1006
-  _globals['_ADMIN']._serialized_start=1008
-  _globals['_ADMIN']._serialized_end=1083
+  _globals['_STATUSREQUEST']._serialized_end=64
+  _globals['_CLIENTSTATUS']._serialized_start=67
+  _globals['_CLIENTSTATUS']._serialized_end=429
+  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_start=379
+  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_end=429
+  _globals['_RUNSUMMARY']._serialized_start=432
+  _globals['_RUNSUMMARY']._serialized_end=675
+  _globals['_ROUNDSTATUS']._serialized_start=678
+  _globals['_ROUNDSTATUS']._serialized_end=1046
+  _globals['_ROUNDSTATUS_EVALMETRICSENTRY']._serialized_start=942
+  _globals['_ROUNDSTATUS_EVALMETRICSENTRY']._serialized_end=992
+  _globals['_ROUNDSTATUS_SERVERMETRICSENTRY']._serialized_start=994
+  _globals['_ROUNDSTATUS_SERVERMETRICSENTRY']._serialized_end=1046
+  _globals['_FEDERATIONSTATUS']._serialized_start=1049
+  _globals['_FEDERATIONSTATUS']._serialized_end=1466
+  _globals['_ADMIN']._serialized_start=1468
+  _globals['_ADMIN']._serialized_end=1543
 # @@protoc_insertion_point(module_scope)

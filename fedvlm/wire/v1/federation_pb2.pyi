@@ -17,6 +17,7 @@ class ClientState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CLIENT_STATE_UPLOADING: _ClassVar[ClientState]
     CLIENT_STATE_DONE: _ClassVar[ClientState]
     CLIENT_STATE_EVALUATING: _ClassVar[ClientState]
+    CLIENT_STATE_INITIALIZING: _ClassVar[ClientState]
 
 class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,7 @@ CLIENT_STATE_TRAINING: ClientState
 CLIENT_STATE_UPLOADING: ClientState
 CLIENT_STATE_DONE: ClientState
 CLIENT_STATE_EVALUATING: ClientState
+CLIENT_STATE_INITIALIZING: ClientState
 ACTION_UNSPECIFIED: Action
 ACTION_WAIT: Action
 ACTION_INIT: Action
@@ -41,20 +43,24 @@ ACTION_EVALUATE: Action
 ACTION_FINISHED: Action
 
 class PollRequest(_message.Message):
-    __slots__ = ("state", "detail", "bytes_done", "bytes_total", "run_id", "round")
+    __slots__ = ("state", "detail", "bytes_done", "bytes_total", "run_id", "round", "step", "steps_total")
     STATE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     state: ClientState
     detail: str
     bytes_done: int
     bytes_total: int
     run_id: str
     round: int
-    def __init__(self, state: _Optional[_Union[ClientState, str]] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    step: int
+    steps_total: int
+    def __init__(self, state: _Optional[_Union[ClientState, str]] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...
 
 class GlobalInfo(_message.Message):
     __slots__ = ("digest", "size", "record_json", "signature", "signer_cert_pem")
@@ -160,5 +166,19 @@ class MetricsReport(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., global_digest: _Optional[str] = ..., kind: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class MetricsAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FailureReport(_message.Message):
+    __slots__ = ("run_id", "round", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FailureAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -60,6 +60,11 @@ class FederationStub:
                 request_serializer=fedvlm_dot_v1_dot_federation__pb2.MetricsReport.SerializeToString,
                 response_deserializer=fedvlm_dot_v1_dot_federation__pb2.MetricsAck.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/fedvlm.v1.Federation/ReportFailure',
+                request_serializer=fedvlm_dot_v1_dot_federation__pb2.FailureReport.SerializeToString,
+                response_deserializer=fedvlm_dot_v1_dot_federation__pb2.FailureAck.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -100,6 +105,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """The agent is stopping on an error: the site shows as failed, with this reason, until it polls again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +139,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedvlm_dot_v1_dot_federation__pb2.MetricsReport.FromString,
                     response_serializer=fedvlm_dot_v1_dot_federation__pb2.MetricsAck.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=fedvlm_dot_v1_dot_federation__pb2.FailureReport.FromString,
+                    response_serializer=fedvlm_dot_v1_dot_federation__pb2.FailureAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +281,33 @@ class Federation:
             '/fedvlm.v1.Federation/ReportMetrics',
             fedvlm_dot_v1_dot_federation__pb2.MetricsReport.SerializeToString,
             fedvlm_dot_v1_dot_federation__pb2.MetricsAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedvlm.v1.Federation/ReportFailure',
+            fedvlm_dot_v1_dot_federation__pb2.FailureReport.SerializeToString,
+            fedvlm_dot_v1_dot_federation__pb2.FailureAck.FromString,
             options,
             channel_credentials,
             insecure,
