@@ -167,31 +167,31 @@ class Agent:
     def _serve(self, stub: federation_pb2_grpc.FederationStub) -> bool:
         """Poll and act until the run finishes (True) or an RpcError escapes."""
         while True:
-            task = stub.Poll(self.activity.request(), timeout=30)
+            assignment = stub.Poll(self.activity.request(), timeout=30)
             self._contacted = True
-            self._poll_interval = task.poll_interval_s or 1.0
-            self.activity.run_id, self.activity.round = task.run_id, task.round
-            if task.federation_id != self.identity.federation_id:
+            self._poll_interval = assignment.poll_interval_s or 1.0
+            self.activity.run_id, self.activity.round = assignment.run_id, assignment.round
+            if assignment.federation_id != self.identity.federation_id:
                 raise FatalError("coordinator belongs to another federation")
-            if task.action == pb.ACTION_FINISHED:
+            if assignment.action == pb.ACTION_FINISHED:
                 if self.activity.state != pb.CLIENT_STATE_DONE:
-                    self.activity.set(pb.CLIENT_STATE_DONE, task.message or "run finished")
+                    self.activity.set(pb.CLIENT_STATE_DONE, assignment.message or "run finished")
                     stub.Poll(self.activity.request(), timeout=30)
-                    log.info("run %s is over (%s)%s", task.run_id, task.message or "finished",
+                    log.info("run %s is over (%s)%s", assignment.run_id, assignment.message or "finished",
                              "; waiting for the next run" if self.keep_running else "")
                 if not self.keep_running:
                     return True
                 time.sleep(self._poll_interval)
                 continue
             if self.activity.state == pb.CLIENT_STATE_DONE:  # the federation's next run: this site takes part
-                log.info("run %s: joining", task.run_id)
+                log.info("run %s: joining", assignment.run_id)
                 self.activity.set(pb.CLIENT_STATE_IDLE)
-            if task.action == pb.ACTION_INIT:
-                self._with_heartbeat(stub, self._init, stub, task)
-            elif task.action == pb.ACTION_TRAIN:
-                self._with_heartbeat(stub, self._train, stub, task)
-            elif task.action == pb.ACTION_EVALUATE:
-                self._with_heartbeat(stub, self._evaluate, stub, task)
+            if assignment.action == pb.ACTION_INIT:
+                self._with_heartbeat(stub, self._init, stub, assignment)
+            elif assignment.action == pb.ACTION_TRAIN:
+                self._with_heartbeat(stub, self._train, stub, assignment)
+            elif assignment.action == pb.ACTION_EVALUATE:
+                self._with_heartbeat(stub, self._evaluate, stub, assignment)
             else:
                 time.sleep(self._poll_interval)
 
@@ -241,80 +241,82 @@ class Agent:
                      self._learner.num_test_examples)
         return self._learner
 
-    def _init(self, stub, task) -> None:
+    def _init(self, stub, assignment) -> None:
         self.activity.set(pb.CLIENT_STATE_INITIALIZING, "building the initial adapter")
-        learner = self.learner(task.task_spec_json, initial=True)  # the task's rank: it defines the schema
-        pending = self.outbox.get(task.run_id, 0)
+        learner = self.learner(assignment.task_spec_json, initial=True)  # the task's rank: it defines the schema
+        pending = self.outbox.get(assignment.run_id, 0)
         if pending is None:
             metadata = {adapters.ADAPTER_CONFIG_METADATA: json.dumps(learner.adapter_config(), sort_keys=True),
                         adapters.BASE_MODEL_METADATA: learner.base_model_info()}
             data = adapters.to_bytes(learner.adapter_state(), metadata)
-            pending = self._sign_and_store(task, signing.INITIAL_BASE, data, learner.num_train_examples)
+            pending = self._sign_and_store(assignment, signing.INITIAL_BASE, data, learner.num_train_examples)
         self._upload(stub, pending)
 
-    def _train(self, stub, task) -> None:
-        base = task.global_version
-        pending = self.outbox.get(task.run_id, task.round)
+    def _train(self, stub, assignment) -> None:
+        base = assignment.global_version
+        pending = self.outbox.get(assignment.run_id, assignment.round)
         if pending is not None and pending.manifest.base_digest == base.digest:
-            log.info("round %d: resuming the upload of the update already trained", task.round)
+            log.info("round %d: resuming the upload of the update already trained", assignment.round)
             self._upload(stub, pending)
             return
-        learner, global_bytes = self._load_global(stub, task)
-        self._report_eval(stub, task, learner)
-        self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}")
+        learner, global_bytes = self._load_global(stub, assignment)
+        self._report_eval(stub, assignment, learner)
+        self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {assignment.round}")
 
-        logged = ProgressLog(f"round {task.round}", self.progress_every)
+        logged = ProgressLog(f"round {assignment.round}", self.progress_every)
 
         def progress(step: int, total: int) -> None:
-            self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {task.round}: step {step}/{total}", step=step,
+            self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {assignment.round}: step {step}/{total}", step=step,
                               steps_total=total)
             logged.step(step, total)
 
-        client_state = self._algorithm_state(task.run_id, task.round)
-        step = self._round_step(learner, task, global_bytes, client_state, progress)
+        client_state = self._algorithm_state(assignment.run_id, assignment.round)
+        step = self._round_step(learner, assignment, global_bytes, client_state, progress)
         result = step.result
-        log.info("round %d: trained %d steps on %d examples in %.1fs (loss %.3f -> %.3f)", task.round, result.steps,
-                 result.num_examples, result.seconds, result.loss_first, result.loss_last)
+        log.info("round %d: trained %d steps on %d examples in %.1fs (loss %.3f -> %.3f)", assignment.round,
+                 result.steps, result.num_examples, result.seconds, result.loss_first, result.loss_last)
         if step.client_state:  # kept before the update exists, so a signed update in the outbox always has its state
-            self._save_algorithm_state(task.run_id, task.round, step.client_state)
+            self._save_algorithm_state(assignment.run_id, assignment.round, step.client_state)
         data = adapters.to_bytes(step.wire_tensors())
-        pending = self._sign_and_store(task, base.digest, data, result.num_examples)
+        pending = self._sign_and_store(assignment, base.digest, data, result.num_examples)
         stub.ReportMetrics(pb.MetricsReport(
-            run_id=task.run_id, round=task.round, kind="train",
+            run_id=assignment.run_id, round=assignment.round, kind="train",
             metrics={"loss_first": result.loss_first, "loss_last": result.loss_last, "steps": result.steps,
                      "seconds": result.seconds, "num_examples": result.num_examples}), timeout=30)
         self._upload(stub, pending)
 
-    def _round_step(self, learner, task, global_bytes: bytes, client_state: dict, progress):
+    def _round_step(self, learner, assignment, global_bytes: bytes, client_state: dict, progress):
         """The round on this site: ``Learner.federated_round`` in this process, or in every process of the
         site's data-parallel group (``--nproc``), of which this one is rank 0."""
-        if learner.spec.train.lr_schedule == "cosine" and task.total_rounds < 1:
+        if learner.spec.train.lr_schedule == "cosine" and assignment.total_rounds < 1:
             raise FatalError("task.train.lr_schedule = \"cosine\" spans the run's rounds, and this coordinator does "
                              "not send their number (upgrade fedvlm-coord)")
         global_state = adapters.from_bytes(global_bytes)
         if self.workers is None:
-            return learner.federated_round(global_state, task.round, task.total_rounds, client_state, progress)
+            rnd, total = assignment.round, assignment.total_rounds
+            return learner.federated_round(global_state, rnd, total, client_state, progress)
         try:
-            self.workers.start_round(self._learner_key, global_bytes, task.round, task.total_rounds, client_state)
+            self.workers.start_round(self._learner_key, global_bytes, assignment.round, assignment.total_rounds,
+                                     client_state)
         except WorkerError as exc:
             raise FatalError(str(exc)) from exc
-        return learner.federated_round(global_state, task.round, task.total_rounds, client_state, progress,
+        return learner.federated_round(global_state, assignment.round, assignment.total_rounds, client_state, progress,
                                        group=self.workers.group)
 
-    def _evaluate(self, stub, task) -> None:
-        learner, _ = self._load_global(stub, task)
-        self._report_eval(stub, task, learner)
+    def _evaluate(self, stub, assignment) -> None:
+        learner, _ = self._load_global(stub, assignment)
+        self._report_eval(stub, assignment, learner)
 
-    def _load_global(self, stub, task):
-        info = task.global_version
-        verify_global_info(info, self.identity.ca_cert, self.identity.federation_id, task.run_id)
+    def _load_global(self, stub, assignment):
+        info = assignment.global_version
+        verify_global_info(info, self.identity.ca_cert, self.identity.federation_id, assignment.run_id)
         self.activity.set(pb.CLIENT_STATE_DOWNLOADING, f"global {info.digest[:12]}", 0, info.size)
 
         def progress(done: int, total: int) -> None:
             self.activity.set(pb.CLIENT_STATE_DOWNLOADING, f"global {info.digest[:12]}", done, total)
 
         data = download_global(stub, info, self.state.downloads, progress)
-        learner = self.learner(task.task_spec_json)
+        learner = self.learner(assignment.task_spec_json)
         from fedvlm.learner import BaseModelMismatch
 
         try:  # before anything is trained on it
@@ -322,7 +324,7 @@ class Agent:
         except BaseModelMismatch as exc:
             raise FatalError(f"cannot train this run here: {exc}") from exc
         tensors, _ = split_aux(adapters.from_bytes(data))
-        learner.load_global_state(tensors, task.round)  # re-factorised to a site-local --lora-rank
+        learner.load_global_state(tensors, assignment.round)  # re-factorised to a site-local --lora-rank
         return learner, data
 
     # -- the algorithm's client state (e.g. SCAFFOLD's c_i) ---------------------------------------------------
@@ -352,21 +354,22 @@ class Agent:
                 out.append((int(number), path))
         return out
 
-    def _report_eval(self, stub, task, learner) -> None:
-        self.activity.set(pb.CLIENT_STATE_EVALUATING, f"global of round {task.round - 1}")
+    def _report_eval(self, stub, assignment, learner) -> None:
+        self.activity.set(pb.CLIENT_STATE_EVALUATING, f"global of round {assignment.round - 1}")
         metrics = learner.evaluate()
-        log.info("global of round %d on local test split: %s", task.round - 1,
+        log.info("global of round %d on local test split: %s", assignment.round - 1,
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        stub.ReportMetrics(pb.MetricsReport(run_id=task.run_id, round=task.round - 1, kind="eval",
-                                            global_digest=task.global_version.digest, metrics=metrics), timeout=30)
+        stub.ReportMetrics(pb.MetricsReport(run_id=assignment.run_id, round=assignment.round - 1, kind="eval",
+                                            global_digest=assignment.global_version.digest, metrics=metrics),
+                           timeout=30)
 
-    def _sign_and_store(self, task, base_digest: str, data: bytes, num_examples: int):
+    def _sign_and_store(self, assignment, base_digest: str, data: bytes, num_examples: int):
         manifest = UpdateManifest(
-            federation_id=self.identity.federation_id, run_id=task.run_id, round=task.round,
+            federation_id=self.identity.federation_id, run_id=assignment.run_id, round=assignment.round,
             client=self.identity.name, base_digest=base_digest, sha256=adapters.sha256_hex(data), size=len(data),
             num_examples=num_examples, nonce=signing.new_nonce(), created_at=time.time())
         signature = signing.sign(self.identity.key, manifest.canonical())
-        self.outbox.clear_except(task.run_id, task.round)
+        self.outbox.clear_except(assignment.run_id, assignment.round)
         return self.outbox.put(manifest, signature, data)
 
     def _upload(self, stub, pending) -> None:

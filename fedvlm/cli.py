@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fedvlm.benchmark.cli import bench_app
+from fedvlm.study.cli import bench_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedvlm: federated fine-tuning of vision-language models.")

@@ -31,8 +31,8 @@ from fedvlm.recipe import check_site
 from fedvlm.spec import TaskSpec
 from fedvlm.tasks import MULTITASK, get_task, score_mixed
 from fedvlm.train import TrainResult, generate_answers, train_local
+from fedvlm.vlm.finetuning import apply_strategy, set_stage, stage_for_round, stage_keys
 from fedvlm.vlm.loading import load_base, resolve_device, resolve_model
-from fedvlm.vlm.strategy import apply_strategy, set_stage, stage_for_round, stage_keys
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Learner:
     # ---- data -------------------------------------------------------------------------------------------------
     def use_data(self, data_dir: Path | None) -> None:
         """Switch to another site's data (``data_dir``: a site folder, a FedVLMBench client file or any train JSON,
-        fedvlm.data.sources); the model and adapter are kept. The in-process benchmark (fedvlm.benchmark) reuses
+        fedvlm.data.sources); the model and adapter are kept. The in-process benchmark (fedvlm.study) reuses
         one model for many virtual sites this way; the result equals a Learner built on ``data_dir``."""
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self._site_data = resolve_site_data(self.data_dir) if self.data_dir is not None else None

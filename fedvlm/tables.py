@@ -1,7 +1,7 @@
 """TOML / JSON tables -> frozen dataclasses: the one set of type rules every config file is read with.
 
 The task spec (`fedvlm.spec`), federation.toml (`fedvlm.coordinator.config`) and the benchmark's experiment files
-(`fedvlm.benchmark.config`) are all plain dataclasses read by `from_table`; each checks its ranges in
+(`fedvlm.study.config`) are all plain dataclasses read by `from_table`; each checks its ranges in
 ``__post_init__`` with `require`. Every error is a `SpecError` whose message starts with the dotted key.
 
 Written by hand rather than with pydantic (2.14, installed here as a dependency of typer): the rules below are all

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from fedvlm import adapters
 from fedvlm.algorithms.base import split_aux
-from fedvlm.benchmark.config import BenchConfig, expand_grid, load_config
-from fedvlm.benchmark.sweep import run_study, trials_of
 from fedvlm.cli import app
 from fedvlm.data.digits import build_digits
 from fedvlm.spec import SpecError
+from fedvlm.study.config import BenchConfig, expand_grid, load_config
+from fedvlm.study.sweep import run_study, trials_of
 from fedvlm.vlm.presets import preset_dir
 
 from .harness import Coordinator, start_sites, wait_sites_ok
@@ -120,7 +120,7 @@ def test_baselines_list_adds_each_baseline_once_per_setting_it_depends_on():
 
 
 def test_suites_in_the_repo_are_valid():
-    suites = sorted((Path(__file__).parents[1] / "bench" / "suites").glob("*.toml"))
+    suites = sorted((Path(__file__).parents[1] / "studies").glob("*.toml"))
     assert len(suites) >= 4
     for suite in suites:
         variants = expand_grid(_raw(suite.read_text()))
@@ -211,7 +211,7 @@ def test_stragglers_miss_the_round_deadline(tmp_path, cache):
     assert all(c["bytes_up"] == 0 for c in clients if c.get("late"))
     summary = json.loads((trial / "summary.json").read_text())
     assert summary["bytes_up"] == sum(c["bytes_up"] for c in clients) == 2 * 2 * clients[0]["bytes_down"]
-    from fedvlm.benchmark.report import write_report
+    from fedvlm.study.report import write_report
 
     report = write_report(out).read_text()
     assert "## Stragglers and the round deadline" in report and "| small | 0.5 | 5 | 2.00 ± 0.00 | 0.0 ± 0.0 |" \
@@ -229,8 +229,8 @@ def test_stragglers_miss_the_round_deadline(tmp_path, cache):
 
 def _fresh_global(raw: dict, out: Path, cache: Path) -> dict:
     """Global 0 of a trial with seed 3: what a run that never aggregates must end with."""
-    from fedvlm.benchmark.data import prepare
     from fedvlm.learner import Learner
+    from fedvlm.study.data import prepare
 
     config = BenchConfig.from_dict(raw)
     data = prepare(config.experiment, 3, out / "data")
@@ -315,7 +315,7 @@ seeds = [0]
 def _fake_results(folder: Path, entries: list[tuple[str, dict, str, dict]]) -> str:
     """A results folder of one-round, one-seed trials: (name, swept values, [experiment] lines, final metrics) per
     variant; returns the report written for it."""
-    from fedvlm.benchmark.report import write_report
+    from fedvlm.study.report import write_report
 
     variants = []
     for name, values, experiment, metrics in entries:

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from fedvlm import adapters
 from fedvlm.algorithms.base import split_aux
-from fedvlm.benchmark.config import expand_grid
-from fedvlm.benchmark.sweep import run_study
 from fedvlm.client.cli import app as client_app
 from fedvlm.client.parallel import available_devices
 from fedvlm.data.digits import build_digits
+from fedvlm.study.config import expand_grid
+from fedvlm.study.sweep import run_study
 from fedvlm.vlm.presets import preset_dir
 
 from .harness import Coordinator, start_sites, wait_sites_ok

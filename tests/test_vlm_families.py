@@ -17,7 +17,7 @@ from fedvlm.learner import Learner
 from fedvlm.spec import TaskSpec, TrainSpec
 from fedvlm.vlm import zoo
 from fedvlm.vlm.families import FAMILIES, UnknownFamilyError
-from fedvlm.vlm.strategy import apply_strategy, find_parts
+from fedvlm.vlm.finetuning import apply_strategy, find_parts
 
 from .harness import small_sites
 

@@ -13,7 +13,7 @@ from fedvlm import adapters
 from fedvlm.algorithms.fedavg import fedavg
 from fedvlm.learner import Learner
 from fedvlm.spec import TaskSpec, TrainSpec
-from fedvlm.vlm.strategy import find_parts
+from fedvlm.vlm.finetuning import find_parts
 
 from .harness import small_sites
 

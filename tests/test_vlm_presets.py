@@ -10,9 +10,9 @@ import torch
 
 from fedvlm.spec import LoraSpec
 from fedvlm.vlm import presets
+from fedvlm.vlm.finetuning import apply_strategy
 from fedvlm.vlm.loading import load_base
 from fedvlm.vlm.presets import PRESET_INFO_FILE, PRESETS, preset_dir, preset_hash
-from fedvlm.vlm.strategy import apply_strategy
 
 
 def _files(directory: Path) -> dict[str, bytes]:

@@ -16,8 +16,8 @@ from fedvlm import adapters
 from fedvlm.learner import Learner
 from fedvlm.spec import SpecError, TaskSpec, TrainSpec
 from fedvlm.train import generate_answers
+from fedvlm.vlm.finetuning import find_parts
 from fedvlm.vlm.presets import TINY_PRESETS, parameter_counts
-from fedvlm.vlm.strategy import find_parts
 
 STRATEGIES = ("F-C", "F-L", "F-CL", "F-2stage")
 SWITCH = 2

@@ -142,7 +142,7 @@ def next_global(base: Mapping[str, torch.Tensor], result: ServerResult) -> Tenso
     """The round's new global as published: the base with the server step's tensors replaced (tensors no update
     carries, e.g. a frozen F-2stage part, keep the base's values) plus the aux tensors under `AUX_PREFIX`.
 
-    The one rule shared by the coordinator (coordinator.rounds) and the in-process benchmark (fedvlm.benchmark)."""
+    The one rule shared by the coordinator (coordinator.rounds) and the in-process benchmark (fedvlm.study)."""
     merged = dict(base)
     merged.update(result.tensors)
     return with_aux(merged, result.aux)

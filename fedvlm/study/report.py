@@ -22,7 +22,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fedvlm.benchmark.config import BASELINES, ExperimentSpec, parse_partition
+from fedvlm.study.config import BASELINES, ExperimentSpec, parse_partition
 
 PREFERRED = ("accuracy", "cider", "miou")
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from fedvlm import adapters
 from fedvlm.algorithms import build
 from fedvlm.algorithms.base import ClientUpdate, Tensors, next_global, sample_clients, split_aux
-from fedvlm.benchmark.config import BenchConfig
-from fedvlm.benchmark.data import SiteData
+from fedvlm.study.config import BenchConfig
+from fedvlm.study.data import SiteData
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 

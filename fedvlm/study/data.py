@@ -14,9 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedvlm.benchmark.config import BUILTIN_DATASETS, ExperimentSpec, parse_partition
 from fedvlm.data import partition as partitioning
 from fedvlm.data.scenes import write_json
+from fedvlm.study.config import BUILTIN_DATASETS, ExperimentSpec, parse_partition
 
 
 @dataclass(frozen=True)

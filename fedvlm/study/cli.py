@@ -22,7 +22,7 @@ def _progress_bar() -> Progress:
 
 
 def _execute(variants, out: Path, workers: int, ray_address: str | None) -> list[str]:
-    from fedvlm.benchmark.sweep import run_study, trials_of
+    from fedvlm.study.sweep import run_study, trials_of
 
     total = len(trials_of(variants))
     per_trial = workers <= 1 and ray_address is None  # one bar per trial, else one bar of finished trials
@@ -50,7 +50,7 @@ def bench_run(config: Path = typer.Argument(..., exists=True, dir_okay=False, he
               workers: int = typer.Option(1, "--workers", min=1, help="Parallel worker processes (one per seed).")
               ) -> None:
     """Run one experiment (every seed) in-process and write its results folder and report."""
-    from fedvlm.benchmark.config import Variant, load_config
+    from fedvlm.study.config import Variant, load_config
 
     def one_variant(path: Path) -> list:
         cfg = load_config(path)
@@ -69,7 +69,7 @@ def bench_sweep(grid: Path = typer.Argument(..., exists=True, dir_okay=False, he
                                              "ray://host:10001, auto; 'local' starts one here). Needs fedvlm\\[ray].")
                 ) -> None:
     """Run every (variant, seed) of a grid; finished trials are skipped, so an interrupted sweep resumes."""
-    from fedvlm.benchmark.config import load_grid
+    from fedvlm.study.config import load_grid
 
     _run_variants(grid, load_grid, out, "grid.toml", workers, ray)
 
@@ -77,14 +77,14 @@ def bench_sweep(grid: Path = typer.Argument(..., exists=True, dir_okay=False, he
 def _run_variants(path: Path, load, out: Path, copy_as: str, workers: int, ray_address: str | None = None) -> None:
     """Load the variants of `path` (a bad key exits 2 naming it), keep a copy of the file in `out`, run every
     unfinished trial and write the report."""
-    from fedvlm.benchmark.report import write_report
+    from fedvlm.study.report import write_report
 
     try:
         variants = load(path)
     except SpecError as exc:
         console.print(f"[red]error:[/] {path}: {exc}")
         raise typer.Exit(2) from None
-    from fedvlm.benchmark.sweep import RayUnavailable, check_ray
+    from fedvlm.study.sweep import RayUnavailable, check_ray
 
     try:
         if ray_address is not None:
@@ -102,7 +102,7 @@ def _run_variants(path: Path, load, out: Path, copy_as: str, workers: int, ray_a
 @bench_app.command("report")
 def bench_report(out: Path = typer.Argument(..., exists=True, file_okay=False, help="A results folder.")) -> None:
     """(Re)write report.md and the plots of a results folder."""
-    from fedvlm.benchmark.report import write_report
+    from fedvlm.study.report import write_report
 
     if not (out / "study.json").exists():
         console.print(f"[red]error:[/] {out} is not a results folder (no study.json)")

@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedvlm.benchmark.config import BenchConfig, Variant
+from fedvlm.study.config import BenchConfig, Variant
 
 DONE = "DONE"
 Progress = Callable[[str, int, int, str], None]  # (trial id, done, total, what)
@@ -188,8 +188,8 @@ def _worker(trial: Trial, out: str) -> None:
 def run_one(trial: Trial, out: Path, progress: Progress | None = None, data_root: Path | None = None) -> dict:
     """Run one trial into its folder (wiped first if an earlier attempt left it unfinished); returns its summary.
     Prepared data goes under ``data_root`` (default ``out/data``)."""
-    from fedvlm.benchmark.data import prepare
-    from fedvlm.benchmark.simulate import run_trial
+    from fedvlm.study.data import prepare
+    from fedvlm.study.simulate import run_trial
 
     folder = trial_dir(out, trial)
     if folder.exists():
