@@ -105,10 +105,17 @@ class ConfigWatch:
         return notice
 
 
+MIN_ID_PREFIX = 4
+
+
 def find_run(state: State, ref: str) -> Run | None:
-    """The run a user names: its number (1, 2, ...), its id, or a unique prefix of its id."""
+    """The run a user names: its number (1, 2, ...), its id, or a unique prefix of at least
+    `MIN_ID_PREFIX` characters of its id. A short number is only ever a run number: "3" never names the run
+    whose random id happens to start with 3."""
     runs = state.runs()
+    if ref.isdigit() and len(ref) < MIN_ID_PREFIX:
+        return runs[int(ref) - 1] if 1 <= int(ref) <= len(runs) else None
     if ref.isdigit() and 1 <= int(ref) <= len(runs):
         return runs[int(ref) - 1]
-    matches = [r for r in runs if r.run_id.startswith(ref)] if ref else []
+    matches = [r for r in runs if r.run_id.startswith(ref)] if len(ref) >= MIN_ID_PREFIX else []
     return matches[0] if len(matches) == 1 else None

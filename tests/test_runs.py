@@ -79,6 +79,7 @@ def test_a_second_run_starts_only_after_the_first_is_over_and_the_first_stays_re
     assert [(r["number"], r["state"], r["rounds_done"], r["strategy"]) for r in runs] == \
         [(1, "stopped", 1, "F-CL"), (2, "running", 0, "F-L")]
     assert find_run(coord.state, "3") is None and find_run(coord.state, "zzz") is None
+    assert find_run(coord.state, first.run_id[:3]) is None  # too short to be an id prefix
 
 
 def test_a_stopped_run_takes_no_more_updates_and_the_driver_leaves_it_alone(tmp_path):
