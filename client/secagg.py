@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+import grpc
 import torch
 from cryptography import x509
 
@@ -28,6 +29,10 @@ from fedvlm.wire.v1 import secagg_pb2 as pb
 from fedvlm.wire.v1 import secagg_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# How long a secure round waits for an unreachable coordinator (it keeps its secrets meanwhile): a restarted
+# coordinator continues the round from its state, so a site that waits it out still counts.
+UNREACHABLE_FOR = 300.0
 
 
 class RoundOver(SecAggError):
@@ -54,13 +59,30 @@ class SecureRound:
         self.opened: dict[str, tuple[int, int, int]] = {}
         self.threshold = 0
 
+    def _call(self, method: str, request):
+        """One RPC, retried while the coordinator is unreachable; `RoundOver` when it says the round moved on."""
+        waited, delay = 0.0, self.poll_interval
+        while True:
+            try:
+                return getattr(self.stub, method)(request, timeout=30)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code is grpc.StatusCode.FAILED_PRECONDITION:
+                    raise RoundOver(exc.details()) from None
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or waited > UNREACHABLE_FOR:
+                    raise
+                log.warning("secure aggregation: coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                time.sleep(delay)
+                waited, delay = waited + delay, min(5.0, 2 * delay)
+
     def _ref(self) -> pb.SecAggRoundRef:
         return pb.SecAggRoundRef(run_id=self.ctx.run_id, round=self.ctx.round, attempt=self.attempt)
 
     def _wait(self, *phases: str) -> pb.SecAggPhase:
         """Poll until this attempt is in one of `phases` ("done" may be one); `RoundOver` if it ends first."""
         while True:
-            phase = self.stub.GetPhase(self._ref(), timeout=30)
+            phase = self._call("GetPhase", self._ref())
             if phase.phase in phases:
                 return phase
             if phase.phase in ("done", "abandoned"):
@@ -73,7 +95,7 @@ class SecureRound:
         """Advertise signed keys, check every peer's, send the encrypted shares (`KeysDoNotVerify` on a
         substituted key: nothing is sent then)."""
         while not self.attempt:
-            phase = self.stub.GetPhase(self._ref(), timeout=30)
+            phase = self._call("GetPhase", self._ref())
             if phase.phase == "keys":
                 self.attempt = phase.attempt
             elif phase.phase in ("done", "shares", "masked", "unmask"):
@@ -82,21 +104,21 @@ class SecureRound:
                 time.sleep(self.poll_interval)
         self.secrets = SiteSecrets(self.site, self.ctx)
         advertisement = self.secrets.advertisement()
-        self.stub.AdvertiseKeys(pb.SignedKeys(
+        self._call("AdvertiseKeys", pb.SignedKeys(
             ref=self._ref(), advertisement_json=advertisement.to_json(),
-            signature=signing.sign(self.key, advertisement.canonical(self.ctx))), timeout=30)
+            signature=signing.sign(self.key, advertisement.canonical(self.ctx))))
         phase = self._wait("shares", "masked", "unmask")
         if self.site not in phase.sites:
             raise RoundOver(f"round {self.ctx.round}: the keys were collected without this site's")
-        keyset = self.stub.FetchKeys(self._ref(), timeout=30)
+        keyset = self._call("FetchKeys", self._ref())
         self.peers = verify_keys(keyset, self.ca_cert, self.ctx, advertisement)
         if set(self.peers) != set(phase.sites):
             raise KeysDoNotVerify(f"round {self.ctx.round}: the key set ({', '.join(sorted(self.peers))}) is not "
                                   f"the sites of the round ({', '.join(phase.sites)})")
         secagg.check_threshold(phase.threshold, len(self.peers))  # a lower one could unmask a single site
         shares = self.secrets.shares_for(self.peers, phase.threshold)
-        self.stub.SendShares(pb.ShareBundle(ref=self._ref(), shares=[
-            pb.EncryptedShare(site=holder, ciphertext=blob) for holder, blob in sorted(shares.items())]), timeout=30)
+        self._call("SendShares", pb.ShareBundle(ref=self._ref(), shares=[
+            pb.EncryptedShare(site=holder, ciphertext=blob) for holder, blob in sorted(shares.items())]))
         self.threshold = phase.threshold
         log.info("round %d: secure aggregation keys of %s verified, shares sent (threshold %d)", self.ctx.round,
                  ", ".join(sorted(self.peers)), phase.threshold)
@@ -110,7 +132,7 @@ class SecureRound:
         if self.site not in phase.sharers:
             raise RoundOver(f"round {self.ctx.round}: the shares were collected without this site's")
         self.sharers = tuple(phase.sharers)
-        bundle = self.stub.FetchShares(self._ref(), timeout=30)
+        bundle = self._call("FetchShares", self._ref())
         received = {s.site: s.ciphertext for s in bundle.shares}
         if set(received) != set(self.sharers):
             raise SecAggError(f"round {self.ctx.round}: shares from {sorted(received)}, expected {self.sharers}")
@@ -134,9 +156,9 @@ class SecureRound:
                               f"dropped {sorted(dropped)} of sharers {list(self.sharers)} (threshold "
                               f"{self.threshold})")
         revealed = secagg.reveal(self.opened, survivors, dropped)
-        self.stub.SendReveal(pb.Reveal(ref=self._ref(), shares=[
+        self._call("SendReveal", pb.Reveal(ref=self._ref(), shares=[
             pb.RevealedShare(owner=owner, kind=kind, x=x, value=value.to_bytes(66, "big"))
-            for owner, (kind, x, value) in sorted(revealed.items())]), timeout=30)
+            for owner, (kind, x, value) in sorted(revealed.items())]))
         log.info("round %d: secure aggregation shares revealed (%d survivors, %d dropped)", self.ctx.round,
                  len(survivors), len(dropped))
 

@@ -8,11 +8,14 @@ import threading
 import traceback
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from fedvlm.algorithms.config import AlgorithmConfig
 from fedvlm.client.secagg import SecureRound
+from fedvlm.coordinator.secagg_phase import parse_reveal
 from fedvlm.coordinator.secagg_service import SecureAggregationService
+from fedvlm.security import secagg
 
 STEPS = ("join", "upload", "reveal")
 
@@ -54,10 +57,11 @@ class SiteThread(threading.Thread):
 
     def __init__(self, secure: SecureRound, config: AlgorithmConfig, base: dict[str, torch.Tensor],
                  update: dict[str, torch.Tensor], num_examples: int, send: Callable[[dict], None],
-                 stop_after: str = "") -> None:
+                 stop_after: str = "", gate: threading.Event | None = None) -> None:
         super().__init__(daemon=True, name=f"site-{secure.site}")
         self.secure, self.config, self.base, self.update = secure, config, base, update
-        self.num_examples, self.send, self.stop_after = num_examples, send, stop_after
+        self.num_examples, self.send, self.stop_after, self.gate = num_examples, send, stop_after, gate
+        self.masked_ready = threading.Event()  # its masked update is computed (it waits at `gate` to send it)
         self.error: BaseException | None = None
         self.masked: dict[str, torch.Tensor] | None = None
         self.done: list[str] = []
@@ -69,6 +73,9 @@ class SiteThread(threading.Thread):
             if self.stop_after == "join":
                 return
             self.masked = self.secure.masked_update(self.config, self.base, self.update, self.num_examples)
+            self.masked_ready.set()
+            if self.gate is not None:
+                self.gate.wait()
             self.send(self.masked)
             self.done.append("upload")
             if self.stop_after == "upload":
@@ -78,3 +85,21 @@ class SiteThread(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - the test reads it
             self.error = exc
             self.trace = traceback.format_exc()
+
+
+def assert_not_recoverable(stored: dict[str, torch.Tensor], plain: dict[str, np.ndarray], name: str,
+                           reveals: list[str], threshold: int) -> None:
+    """Site `name`'s stored masked update is not its plain encoded update `plain`, and neither is what the
+    coordinator can make of it with everything it stored (its self mask removed with the revealed shares)."""
+    assert {t.dtype for t in stored.values()} == {torch.uint64}
+    revealed = [parse_reveal(text) for text in reveals]
+    b_shares = {x: v for r in revealed for owner, (kind, x, v) in r.items() if owner == name and kind == "b"}
+    without_self_mask = {n: t.numpy().copy() for n, t in stored.items()}
+    secagg._add_prg(without_self_mask, secagg.combine(b_shares, threshold).to_bytes(32, "big"), -1)
+    for candidate in ({n: t.numpy() for n, t in stored.items()}, without_self_mask):
+        decoded = secagg.decode(candidate)
+        for key, value in plain.items():
+            target = secagg.decode({key: value})[key]
+            assert not np.array_equal(candidate[key], value)
+            assert not np.allclose(decoded[key], target, atol=1.0)
+            assert abs(np.corrcoef(decoded[key].ravel(), target.ravel())[0, 1]) < 0.9
