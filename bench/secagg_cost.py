@@ -87,7 +87,8 @@ def simulate(sites: int, params: int) -> dict[str, float]:
         secagg.add(total, masked[n])
     summed = secagg.decode(secagg.unmask(total, adverts, survivors, dropped, reveals, threshold, CTX))
     coordinator_seconds = time.perf_counter() - started
-    error = float(np.max(np.abs(summed["lora.weight"] - len(survivors) * 10.0 * update["lora.weight"].astype(np.float64))))
+    expected = len(survivors) * 10.0 * update["lora.weight"].astype(np.float64)
+    error = float(np.max(np.abs(summed["lora.weight"] - expected)))
     plain = sites * params * 4  # the float32 updates of a plain round
     return {"sites": sites, "dropped": len(dropped), "threshold": threshold, "params": params,
             "extra_up_mb": wire["up"] / 2**20, "extra_down_mb": wire["down"] / 2**20,

@@ -68,15 +68,12 @@ class SecureAggregationService(secagg_pb2_grpc.SecureAggregationServicer):
         if run is None or run.run_id != request.run_id:
             raise Refused("FAILED_PRECONDITION", "secure aggregation for a run that is not the current one")
         rnd = self.state.round(run.run_id, request.round)
-        if rnd is None or run.round != request.round or rnd.phase is not RoundPhase.TRAINING:
-            if request.attempt == 0 and rnd is not None and rnd.phase is RoundPhase.WAITING:
-                return Pb.SecAggPhase()  # sampling again: no attempt yet
+        if rnd is None or run.round != request.round or rnd.phase not in (RoundPhase.TRAINING, RoundPhase.WAITING):
             return Pb.SecAggPhase(attempt=request.attempt, phase="done", message=f"round {request.round} is over")
-        sa = self.state.secagg_round(run.run_id, rnd.round, request.attempt or rnd.attempt)
-        if sa is None:
-            return Pb.SecAggPhase(attempt=request.attempt or rnd.attempt)
-        if sa.attempt != rnd.attempt and sa.phase is not SecAggPhase.ABANDONED:
-            return Pb.SecAggPhase(attempt=sa.attempt, phase="abandoned", message="the round was sampled again")
+        attempt = request.attempt or (rnd.attempt if rnd.phase is RoundPhase.TRAINING else 0)
+        sa = self.state.secagg_round(run.run_id, rnd.round, attempt) if attempt else None
+        if sa is None:  # not open yet (or the round is sampling again)
+            return Pb.SecAggPhase(attempt=attempt)
         deadline = sa.deadline if sa.deadline is not None else rnd.deadline
         return Pb.SecAggPhase(attempt=sa.attempt, phase=sa.phase.value, threshold=sa.threshold, sites=sa.sites,
                               sharers=sa.sharers, survivors=sa.survivors, dropped=sa.dropped,

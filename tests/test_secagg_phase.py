@@ -20,7 +20,7 @@ import torch
 from fedvlm import adapters
 from fedvlm.algorithms import algorithm_config
 from fedvlm.algorithms.secure_sum import site_delta
-from fedvlm.client.secagg import KeysDoNotVerify, SecureRound
+from fedvlm.client.secagg import KeysDoNotVerify, RoundOver, SecureRound
 from fedvlm.coordinator.config import FederationConfig, RunConfig
 from fedvlm.coordinator.errors import Refused
 from fedvlm.coordinator.state import MetricsKind, RoundPhase, SecAggPhase
@@ -155,7 +155,9 @@ def test_sites_lost_after_sharing_and_after_uploading_leave_the_round_to_the_sur
 
 def test_below_the_threshold_the_attempt_is_abandoned_and_the_round_samples_again(tmp_path):
     coord = _coordinator(tmp_path, secagg_threshold=4)
-    _play(coord, stop_after={"a": "join", "b": "join"})
+    threads = _play(coord, stop_after={"a": "join", "b": "join"}, errors=True)
+    for name in ("c", "d", "e"):  # they uploaded, then learn that the attempt is over
+        assert isinstance(threads[name].error, RoundOver) and "abandoned" in str(threads[name].error)
     run_id = coord.run.run_id
     sa = coord.state.secagg_round(run_id, 1, 1)
     assert sa.phase is SecAggPhase.ABANDONED and "3 of 5 sites completed phase masked" in sa.reason
