@@ -160,9 +160,17 @@ class SecureRounds:
         from fedvlm import adapters
 
         sa = self.state.secagg_round(run.run_id, rnd.round, rnd.attempt)
-        survivors = sorted(u.client for u in updates)
-        if sa is None or sa.phase is not SecAggPhase.UNMASK or survivors != sorted(sa.survivors):
-            raise secagg.SecAggError(f"round {rnd.round}: the accepted updates are not the unmasking survivors")
+        if sa is None or sa.phase is not SecAggPhase.UNMASK:
+            raise secagg.SecAggError(f"round {rnd.round}: secure aggregation is not unmasking")
+        # An upload accepted while its sub-phase closed (the same race as a plain update accepted as the deadline
+        # passes) is not among the survivors: its masks cannot come off, so it is left out of the sum.
+        late = sorted(u.client for u in updates if u.client not in sa.survivors)
+        if late:
+            log.warning("round %d: masked updates of %s arrived after the survivors were fixed; left out",
+                        rnd.round, ", ".join(late))
+        updates = [u for u in updates if u.client in sa.survivors]
+        if sorted(u.client for u in updates) != sorted(sa.survivors):
+            raise secagg.SecAggError(f"round {rnd.round}: a survivor's masked update is missing")
         peers = {k.client: Advertisement.from_json(k.advertisement_json)
                  for k in self.state.secagg_keys(run.run_id, rnd.round, rnd.attempt)}
         total: dict[str, np.ndarray] | None = None
