@@ -267,6 +267,7 @@ class Agent:
                 self._train_round(stub, task, secure)
             except RoundOver as exc:  # the round goes on (or is sampled again) without this site
                 log.warning("round %d: secure aggregation without this site: %s", task.round, exc)
+                secure.sit_out()
             except KeysDoNotVerify as exc:
                 raise FatalError(f"secure aggregation: {exc}") from exc
 

@@ -99,6 +99,7 @@ class SecureRound:
             if phase.phase == "keys":
                 self.attempt = phase.attempt
             elif phase.phase in ("done", "shares", "masked", "unmask"):
+                self.attempt = phase.attempt  # the attempt this site cannot join (see `sit_out`)
                 raise RoundOver(f"round {self.ctx.round} is {phase.phase} without this site's keys")
             else:
                 time.sleep(self.poll_interval)
@@ -140,6 +141,15 @@ class SecureRound:
         encoded = secagg.encode(site_delta(config, base, update), site_weight(config, num_examples))
         masked = self.secrets.mask(encoded, self.sharers, self.peers)
         return {name: torch.from_numpy(value) for name, value in masked.items()}
+
+    def sit_out(self) -> None:
+        """After `RoundOver`: wait until the attempt this site is not part of ends (the round is over, or samples
+        again), so that the site's next poll is about a round it can take part in."""
+        while True:
+            phase = self._call("GetPhase", pb.SecAggRoundRef(run_id=self.ctx.run_id, round=self.ctx.round))
+            if phase.phase in ("", "done") or phase.attempt != self.attempt:
+                return
+            time.sleep(self.poll_interval)
 
     # -- unmasking --------------------------------------------------------------------------------------------
     def reveal(self) -> None:

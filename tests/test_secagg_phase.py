@@ -11,6 +11,7 @@ SecureAggregation service (called without gRPC), and the real site-side SecureRo
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ from fedvlm.coordinator.state import MetricsKind, RoundPhase, SecAggPhase
 from fedvlm.security import secagg
 from fedvlm.spec import SpecError, TaskSpec
 
+from .harness import wait_for
 from .inprocess import FEDERATION_ID, InProcessCoordinator
 from .secagg_sites import LocalStub, SiteThread, assert_not_recoverable, local_service
 
@@ -144,7 +146,24 @@ def test_five_sites_give_the_plain_global_and_no_stored_update_reveals_its_site(
 
 def test_sites_lost_after_sharing_and_after_uploading_leave_the_round_to_the_survivors(tmp_path):
     coord = _coordinator(tmp_path)
+    restarted: dict[str, BaseException] = {}
+
+    def b_restarts() -> None:  # b's agent, restarted after its shares, has lost its secrets: it sits the round out
+        wait_for(lambda: coord.state.secagg_round(coord.run.run_id, 1, 1).phase is SecAggPhase.MASKED, 30, "masked")
+        secure = _secure_round(coord, "b")
+        try:
+            secure.join()
+        except RoundOver as exc:
+            restarted["join"] = exc
+            secure.sit_out()
+            restarted["sat out until"] = coord.state.round(coord.run.run_id, 1).phase
+
+    thread = threading.Thread(target=b_restarts, daemon=True)
+    thread.start()
     threads = _play(coord, stop_after={"b": "join", "d": "upload"})
+    thread.join(timeout=10)
+    assert "round 1 is masked without this site's keys" in str(restarted["join"])
+    assert restarted["sat out until"] is RoundPhase.DONE
     assert threads["b"].done == ["join"] and threads["d"].done == ["join", "upload"]
     sa = coord.state.secagg_round(coord.run.run_id, 1, 1)
     assert (sa.survivors, sa.dropped) == (("a", "c", "d", "e"), ("b",))
