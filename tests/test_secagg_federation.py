@@ -3,7 +3,8 @@ real client-side protocol (fedvlm.client.secagg) either as `fedvlm-client` proce
 site at an exact point of the protocol, as protocol sites in threads of this process over their own mTLS channels.
 
 - 5 fedvlm-client sites with secure aggregation: the global equals the plain run's within the encoding precision,
-  and no update the coordinator stored is (or can be turned back into) a site's plain update;
+  and no update the coordinator stored is (or decodes to) a site's plain update; with one site SIGKILLed after its
+  shares and one after its masked upload, the global is the survivors' weighted mean of the same updates;
 - a site lost after its shares and one lost after its masked upload, and the coordinator killed and restarted in
   the middle of the round: the round completes with the survivors, equal to their plain weighted mean; status shows
   the sub-phase; the intake's refusals hold for masked updates;
@@ -207,10 +208,10 @@ name = "secagg-real"
 rounds = 1
 min_clients = 5
 clients_per_round = 5
-quorum = 5
-round_deadline = "600s"
+quorum = {quorum}
+round_deadline = "{deadline}s"
 poll_interval = 0.2
-heartbeat_timeout = "60s"
+heartbeat_timeout = "20s"
 final_eval = false
 [task]
 model = "tiny-llava"
@@ -232,38 +233,63 @@ def cache(tmp_path_factory):
     return path
 
 
-def test_five_fedvlm_client_sites_give_the_plain_runs_global(tmp_path, cache):
+def _real_run(root, site_dirs, cache, secure: bool, quorum: int = 5, deadline: int = 600, kill=None):
+    """One round of 5 fedvlm-client sites; `kill(coord, clients)` may SIGKILL some while it runs (those need not
+    exit 0). Returns ({round: global}, {site: stored update}, {site: num_examples})."""
+    coord = Coordinator(root / "coord", REAL_CONFIG.format(secure=str(secure).lower(), quorum=quorum,
+                                                           deadline=deadline))
+    coord.start()
+    clients = {}
+    try:
+        clients = start_sites(coord, site_dirs, root, cache)
+        killed = kill(coord, clients) if kill else set()
+        wait_sites_ok({n: p for n, p in clients.items() if n not in killed}, root, timeout=600)
+        digests = {r["round"]: r["digest"] for r in coord.query("SELECT round, digest FROM globals")}
+        rows = coord.query("SELECT client, digest, num_examples FROM updates WHERE round=1")
+        updates = {r["client"]: _blob(coord, r["digest"]) for r in rows}
+        return {n: _blob(coord, d) for n, d in digests.items()}, updates, {r["client"]: r["num_examples"] for r in rows}
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
+
+
+def _kill_one_before_and_one_after_upload(coord, clients) -> set[str]:
+    """site-2 once every site has sent its shares (it is building or training: it has not uploaded), site-4 as soon
+    as its masked update is accepted."""
+    wait_for(lambda: coord.query("SELECT phase FROM secagg_rounds WHERE phase='masked'"), 300, "the masked phase")
+    clients["site-2"].kill()
+    wait_for(lambda: coord.query("SELECT 1 FROM updates WHERE round=1 AND client='site-4'"), 300, "site-4's upload")
+    clients["site-4"].kill()
+    return {"site-2", "site-4"}
+
+
+def test_five_fedvlm_client_sites_give_the_plain_runs_global_also_when_two_are_killed(tmp_path, cache):
     layout = build_digits(tmp_path / "data", sites=5, seed=0)
     site_dirs = small_sites(layout.root, tmp_path / "small", 5, train=16, test=4)
-    runs = {}
-    for secure in ("false", "true"):
-        root = tmp_path / f"secure-{secure}"
-        coord = Coordinator(root / "coord", REAL_CONFIG.format(secure=secure))
-        coord.start()
-        clients = {}
-        try:
-            clients = start_sites(coord, site_dirs, root, cache)
-            wait_sites_ok(clients, root, timeout=600)
-            digests = {r["round"]: r["digest"] for r in coord.query("SELECT round, digest FROM globals")}
-            rows = coord.query("SELECT client, digest FROM updates WHERE round=1")
-            updates = {r["client"]: _blob(coord, r["digest"]) for r in rows}
-            runs[secure] = ({n: _blob(coord, d) for n, d in digests.items()}, updates, root)
-        finally:
-            for proc in clients.values():
-                if proc.poll() is None:
-                    proc.kill()
-            coord.kill()
-    (plain_globals, plain_updates, _), (secure_globals, masked, secure_root) = runs["false"], runs["true"]
+    plain_globals, plain_updates, counts = _real_run(tmp_path / "plain", site_dirs, cache, secure=False)
+    secure_globals, masked, _ = _real_run(tmp_path / "secure", site_dirs, cache, secure=True)
     for number in (0, 1):
         for key, value in plain_globals[number].items():
             torch.testing.assert_close(secure_globals[number][key], value, rtol=0, atol=1e-6)
-    assert any(not torch.equal(plain_globals[1][k], plain_globals[0][k]) for k in plain_globals[0])  # it trained
     base = plain_globals[0]
-    for name, update in masked.items():
+    assert any(not torch.equal(plain_globals[1][k], base[k]) for k in base)  # it trained
+    for name, update in masked.items():  # what the coordinator stored is not (and does not decode to) the update
         assert {t.dtype for t in update.values()} == {torch.uint64}
         for key, value in plain_updates[name].items():
-            delta = (value.double() - base[key].double()).numpy()
-            decoded = secagg.decode({key: update[key].numpy()})[key]
-            assert not torch.allclose(torch.from_numpy(decoded), torch.from_numpy(delta), atol=1.0)
+            delta = counts[name] * (value.double() - base[key].double())
+            decoded = torch.from_numpy(secagg.decode({key: update[key].numpy()})[key])
+            assert not torch.allclose(decoded, delta, atol=1.0)
     assert all("secure aggregation keys of site-1, site-2, site-3, site-4, site-5 verified"
-               in (secure_root / f"site-{i}.log").read_text() for i in range(1, 6))
+               in (tmp_path / "secure" / f"site-{i}.log").read_text() for i in range(1, 6))
+    # site-2 killed after its shares, site-4 after its masked upload: the survivors' weighted mean of the same updates
+    killed_globals, killed_masked, _ = _real_run(tmp_path / "killed", site_dirs, cache, secure=True, quorum=3,
+                                                 deadline=240, kill=_kill_one_before_and_one_after_upload)
+    survivors = ["site-1", "site-3", "site-4", "site-5"]
+    assert sorted(killed_masked) == survivors
+    total = sum(counts[n] for n in survivors)
+    for key, value in base.items():
+        expected = value.double() + sum(counts[n] * (plain_updates[n][key].double() - value.double())
+                                        for n in survivors) / total
+        torch.testing.assert_close(killed_globals[1][key], expected.to(value.dtype), rtol=0, atol=1e-6)
