@@ -6,8 +6,8 @@ CA, named for that site) and sends the encrypted shares; `masked_update` turns t
 upload; `reveal` sends, once the coordinator names the survivors and the dropped sites, the shares that remove the
 masks from their sum and nothing that would remove one site's.
 
-The secrets live in this object only: a site restarted mid-round drops out of that round (the others unmask without
-it) and takes part again in the next.
+The secrets live in this object only: a site restarted mid-round cannot finish that attempt (the others unmask
+without it); `sit_out` waits until the attempt is over.
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ class SecureRound:
         if self.site not in phase.sharers:
             raise RoundOver(f"round {self.ctx.round}: the shares were collected without this site's")
         self.sharers = tuple(phase.sharers)
+        if not set(self.sharers) <= set(self.peers) or len(self.sharers) < self.threshold:
+            raise SecAggError(f"round {self.ctx.round}: refusing to mask for sharers {list(self.sharers)} (keys of "
+                              f"{sorted(self.peers)}, threshold {self.threshold})")
         bundle = self._call("FetchShares", self._ref())
         received = {s.site: s.ciphertext for s in bundle.shares}
         if set(received) != set(self.sharers):
