@@ -38,8 +38,8 @@ RUN = RunConfig(rounds=2, min_clients=5, clients_per_round=5, quorum=3, round_de
                 heartbeat_timeout=10.0, final_eval=False)
 
 
-def _task(secure: bool, **algorithm) -> TaskSpec:
-    return TaskSpec(algorithm=algorithm_config("fedavg", secure_aggregation=secure, **algorithm))
+def _task(secure: bool, name: str = "fedavg", **algorithm) -> TaskSpec:
+    return TaskSpec(algorithm=algorithm_config(name, secure_aggregation=secure, **algorithm))
 
 
 def _initial() -> dict[str, torch.Tensor]:
@@ -108,9 +108,9 @@ def _play(coord: InProcessCoordinator, stop_after: dict[str, str] | None = None,
     return threads
 
 
-def _plain_global(tmp_path, names) -> dict[str, torch.Tensor]:
+def _plain_global(tmp_path, names, **algorithm) -> dict[str, torch.Tensor]:
     """Round 1's global of the same federation without secure aggregation, from the same updates of `names`."""
-    coord = InProcessCoordinator(tmp_path / "plain", RUN, _task(False), NAMES)
+    coord = InProcessCoordinator(tmp_path / "plain", RUN, _task(False, **algorithm), NAMES)
     coord.open_round_one(_initial())
     for name in names:
         coord.send(name, _update(name), num_examples=COUNTS[name])
@@ -170,6 +170,13 @@ def test_sites_lost_after_sharing_and_after_uploading_leave_the_round_to_the_sur
     assert sorted(coord.state.secagg_reveals(coord.run.run_id, 1, 1)) == ["a", "c", "e"]
     assert coord.run.round == 2
     _assert_close(coord.global_tensors(1), _plain_global(tmp_path, ["a", "c", "d", "e"]))
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedadam"])
+def test_the_server_steps_with_state_take_the_plain_step_on_the_unmasked_mean(tmp_path, name):
+    coord = _coordinator(tmp_path, name=name)
+    _play(coord)
+    _assert_close(coord.global_tensors(1), _plain_global(tmp_path, NAMES, name=name))
 
 
 def test_below_the_threshold_the_attempt_is_abandoned_and_the_round_samples_again(tmp_path):
