@@ -24,10 +24,11 @@ from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest
 from fedvlm.spec import TaskSpec
 from fedvlm.wire.v1 import federation_pb2 as pb
-from fedvlm.wire.v1 import federation_pb2_grpc
+from fedvlm.wire.v1 import federation_pb2_grpc, secagg_pb2_grpc
 
 from .identity import Identity, StateDir
 from .parallel import SiteWorkers, WorkerError
+from .secagg import KeysDoNotVerify, RoundOver, SecureRound
 from .transfer import Outbox, VerificationError, download_global, upload, verify_global_info
 
 log = logging.getLogger(__name__)
@@ -253,12 +254,32 @@ class Agent:
         self._upload(stub, pending)
 
     def _train(self, stub, assignment) -> None:
+        """One training round; with secure aggregation, as this site's part of the round's SecureRound."""
+        if not TaskSpec.from_json(assignment.task_spec_json).algorithm.secure_aggregation:
+            self._train_round(stub, assignment)
+            return
+        with self.identity.channel(self.coordinator) as channel:
+            identity = self.identity
+            secure = SecureRound(secagg_pb2_grpc.SecureAggregationStub(channel), identity.name, identity.key,
+                                 identity.ca_cert, identity.federation_id, assignment.run_id, assignment.round,
+                                 self._poll_interval)
+            try:
+                self._train_round(stub, assignment, secure)
+            except RoundOver as exc:  # the round goes on (or is sampled again) without this site
+                log.warning("round %d: secure aggregation without this site: %s", assignment.round, exc)
+                secure.sit_out()
+            except KeysDoNotVerify as exc:
+                raise FatalError(f"secure aggregation: {exc}") from exc
+
+    def _train_round(self, stub, assignment, secure: SecureRound | None = None) -> None:
         base = assignment.global_version
         pending = self.outbox.get(assignment.run_id, assignment.round)
         if pending is not None and pending.manifest.base_digest == base.digest:
             log.info("round %d: resuming the upload of the update already trained", assignment.round)
-            self._upload(stub, pending)
+            self._upload(stub, pending)  # a secure round's secrets died with the process that masked it
             return
+        if secure is not None:
+            secure.join()  # keys and shares before training: a site lost while training is a dropout
         learner, global_bytes = self._load_global(stub, assignment)
         self._report_eval(stub, assignment, learner)
         self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {assignment.round}")
@@ -277,13 +298,19 @@ class Agent:
                  result.steps, result.num_examples, result.seconds, result.loss_first, result.loss_last)
         if step.client_state:  # kept before the update exists, so a signed update in the outbox always has its state
             self._save_algorithm_state(assignment.run_id, assignment.round, step.client_state)
-        data = adapters.to_bytes(step.wire_tensors())
+        wire = step.wire_tensors()
+        if secure is not None:  # the masked update: the coordinator never sees this site's own
+            global_tensors, _ = split_aux(adapters.from_bytes(global_bytes))
+            wire = secure.masked_update(learner.spec.algorithm, global_tensors, wire, result.num_examples)
+        data = adapters.to_bytes(wire)
         pending = self._sign_and_store(assignment, base.digest, data, result.num_examples)
         stub.ReportMetrics(pb.MetricsReport(
             run_id=assignment.run_id, round=assignment.round, kind="train",
             metrics={"loss_first": result.loss_first, "loss_last": result.loss_last, "steps": result.steps,
                      "seconds": result.seconds, "num_examples": result.num_examples}), timeout=30)
         self._upload(stub, pending)
+        if secure is not None:
+            secure.reveal()
 
     def _round_step(self, learner, assignment, global_bytes: bytes, client_state: dict, progress):
         """The round on this site: ``Learner.federated_round`` in this process, or in every process of the

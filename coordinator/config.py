@@ -55,6 +55,16 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and self.name != "", "name", "must be a non-empty string")
+        algorithm = self.task.algorithm
+        if algorithm.secure_aggregation:  # the threshold is a number of the sampled sites
+            from fedvlm.algorithms.secure_sum import threshold
+            from fedvlm.security.secagg import SecAggError, check_threshold
+
+            sampled = self.run.clients_per_round
+            try:
+                check_threshold(threshold(algorithm, sampled), sampled)
+            except SecAggError as exc:
+                raise SpecError(f"task.algorithm.secagg_threshold: {exc} (run.clients_per_round = {sampled})") from None
 
     @classmethod
     def load(cls, path: Path) -> FederationConfig:

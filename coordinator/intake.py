@@ -28,6 +28,7 @@ from fedvlm.security.signing import SignatureError, UpdateManifest
 
 from .blobs import BlobStore, file_sha256
 from .errors import Refused
+from .secagg_phase import check_masked_upload, masked_schema
 from .state import AssignmentState, RoundPhase, Run, RunState, State, Upload
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class Intake:
         if manifest.base_digest != rnd.base_digest:
             raise Refused("FAILED_PRECONDITION",
                           f"wrong base global: round {run.round} starts from {rnd.base_digest[:12]}")
+        if run.task.algorithm.secure_aggregation:
+            check_masked_upload(self.state, run, manifest.client)
         return run
 
     # -- receiving bytes --------------------------------------------------------------------------------------
@@ -236,6 +239,8 @@ class Intake:
                 expected_schema = adapters.schema_from_json(run.schema_json)
                 if algorithm.lora_exact:  # sites may train their own LoRA rank (products are averaged)
                     expected_schema = rank_flexible_schema(schema, expected_schema)
+                if algorithm.secure_aggregation:  # masked: the fixed-point encoding plus masks, as uint64
+                    expected_schema = masked_schema(expected_schema)
                 # An update may carry a subset of the global's tensors (e.g. one stage of F-2stage), but every
                 # update of a round must carry the same subset, so that they can be averaged.
                 adapters.check_schema(schema, expected_schema, allow_subset=True)

@@ -26,6 +26,7 @@ from fedvlm.security.signing import GlobalRecord
 from .blobs import BlobStore
 from .config import FederationConfig
 from .runs import new_run
+from .secagg_phase import SecureRounds
 from .state import AssignmentState, MetricsKind, Next, Round, RoundPhase, Run, RunState, ServerStateRef, State
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RoundDriver:
         self.signer_key = signer_key
         self._wakeup = threading.Event()
         self._tick_lock = threading.Lock()
+        self.secure = SecureRounds(state, blobs, federation_id)  # rounds of runs with secure_aggregation
 
     def ensure_run(self) -> Run:
         """The current run, created from the config (federation.toml) on the federation's first start."""
@@ -123,6 +125,8 @@ class RoundDriver:
             return True
         if rnd.phase is not RoundPhase.TRAINING:
             return False
+        if run.task.algorithm.secure_aggregation:  # its own sub-phases and deadlines (secagg_phase.py)
+            return self.secure.step(run, rnd, lambda survivors: self._aggregate(run, rnd, survivors))
         pending = [c for c, s in states.items() if s is AssignmentState.ASSIGNED]
         if accepted and not pending:
             self._aggregate(run, rnd, accepted)
@@ -155,7 +159,10 @@ class RoundDriver:
         updates = self.state.accepted_updates(run.run_id, run.round)
         algorithm = build(run.task.algorithm)
         base, _ = split_aux(dict(adapters.iter_file_tensors(self.blobs.path(rnd.base_digest))))
-        loaders = [ClientUpdate(u.num_examples, self._loader(u.digest)) for u in updates]
+        if algorithm.config.secure_aggregation:  # the masked updates' sum, unmasked (never one update)
+            loaders = self.secure.unmasked_updates(run, rnd, base, updates)
+        else:
+            loaders = [ClientUpdate(u.num_examples, self._loader(u.digest)) for u in updates]
         # The state saved with the previous global: a redone (interrupted) aggregation starts from the same state.
         result = algorithm.aggregate(base, loaders, self._server_state(run, algorithm, base), run.round)
         merged = next_global(base, result)  # tensors no update carries (a frozen stage) keep the base's values

@@ -28,6 +28,8 @@ from fedvlm.wire.v1 import (
     enrollment_pb2_grpc,
     federation_pb2,
     federation_pb2_grpc,
+    secagg_pb2,
+    secagg_pb2_grpc,
 )
 
 from .blobs import BlobStore
@@ -38,6 +40,7 @@ from .intake import Intake
 from .layout import FederationDir
 from .rounds import RoundDriver
 from .runs import ConfigWatch, check_serve_config
+from .secagg_service import SecureAggregationService
 from .service import AdminService, EnrollmentService, FederationService
 from .state import State
 from .telemetry import Telemetry
@@ -83,9 +86,11 @@ class Coordinator:
         interceptors = [self.telemetry.interceptor()]
         main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
                            interceptors=interceptors)
-        federation_pb2_grpc.add_FederationServicer_to_server(
-            FederationService(self.state, self.blobs, self.intake, self.config, self.federation_id,
-                              self.fed.server_cert.read_bytes()), main)
+        federation = FederationService(self.state, self.blobs, self.intake, self.config, self.federation_id,
+                                       self.fed.server_cert.read_bytes())
+        federation_pb2_grpc.add_FederationServicer_to_server(federation, main)
+        secagg_pb2_grpc.add_SecureAggregationServicer_to_server(
+            SecureAggregationService(self.state, self.federation_id, federation._client), main)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.state, self.config, self.fed), main)
         creds = mtls_server_credentials(self.fed.server_key.read_bytes(), self.fed.server_cert.read_bytes(),
                                         self.fed.ca_cert.read_bytes())
@@ -97,7 +102,8 @@ class Coordinator:
         if not main_port or not enroll_port:
             raise OSError(f"could not bind {self.listen} / {self.enroll_listen}")
         for server, services in ((main, [federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name,
-                                         admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name]),
+                                         admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+                                         secagg_pb2.DESCRIPTOR.services_by_name["SecureAggregation"].full_name]),
                                  (enroll, [enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name])):
             health_servicer = health.HealthServicer()
             for name in ["", *services]:

@@ -16,6 +16,7 @@ from fedvlm.wire.v1 import admin_pb2
 
 from .layout import FederationDir
 from .runs import config_notice
+from .secagg_phase import progress as secagg_progress
 from .state import Activity, AssignmentState, MetricsKind, RoundPhase, Run, RunState, State
 
 # What a site last reported stays true after it stops polling: it finished the run, or it stopped on an error.
@@ -119,7 +120,8 @@ def _progress(state: State, run: Run, assigned: dict[str, AssignmentState]) -> d
         return {**out, "round": run.round - 1, "phase": "final evaluation", "accepted": len(reported & set(assigned)),
                 "deadline_unix": (rnd.deadline or 0.0) if rnd else 0.0}
     phase = rnd.phase if rnd else RoundPhase.WAITING
-    return {**out, "phase": phase.value,
+    secure = secagg_progress(state, run, rnd) if phase is RoundPhase.TRAINING else {}
+    return {**out, "phase": phase.value, **({"secure_aggregation": secure} if secure else {}),
             "deadline_unix": (rnd.deadline or 0.0) if rnd and phase is RoundPhase.TRAINING else 0.0}
 
 

@@ -45,6 +45,10 @@ def _headline(status: dict[str, Any]) -> str:
     if phase == "final evaluation":
         return (f"{name} ({state}, {source}): final evaluation of the round-{status.get('round', 0)} global{left}, "
                 f"reports {status.get('accepted', 0)}/{status.get('sampled', 0)}")
+    secure = status.get("secure_aggregation") or {}
+    if secure.get("phase"):  # the secure-aggregation sub-phase of the training round
+        phase += (f" / secure aggregation {secure['phase']} {secure.get('done', 0)}/{secure.get('expected', 0)}"
+                  f" (threshold {secure.get('threshold', 0)}, attempt {secure.get('attempt', 0)})")
     return (f"{name} ({state}, {source}): {rounds}, phase {phase}{left}, updates {status.get('accepted', 0)}/"
             f"{status.get('sampled', 0)} (quorum {status.get('quorum', 0)})")
 

@@ -20,9 +20,10 @@ from fedvlm.coordinator.state import (
     RunState,
     State,
     StateError,
+    TransitionRefused,
     audit_hash,
 )
-from fedvlm.coordinator.state.db import SCHEMA
+from fedvlm.coordinator.state.db import SCHEMA, UPGRADES
 from fedvlm.spec import TaskSpec
 
 from .inprocess import Clock
@@ -41,9 +42,9 @@ OLD_TASK_JSON = (
 
 def test_a_new_state_records_the_current_schema_version(tmp_path):
     state = State(tmp_path / "state.db")
-    assert SCHEMA_VERSION == 2 and state.schema_version() == 2
+    assert SCHEMA_VERSION == 3 and state.schema_version() == 3
     state.close()
-    assert State(tmp_path / "state.db", readonly=True).schema_version() == 2
+    assert State(tmp_path / "state.db", readonly=True).schema_version() == 3
 
 
 def _version_1_database(path, user_version: int) -> None:
@@ -65,7 +66,7 @@ def _version_1_database(path, user_version: int) -> None:
 def test_an_older_state_is_upgraded_in_place_and_keeps_its_runs_and_sites(tmp_path, user_version, readonly):
     _version_1_database(tmp_path / "state.db", user_version)
     state = State(tmp_path / "state.db", readonly=readonly)  # a read-only command upgrades it too
-    assert state.schema_version() == 2 and state.federation_id() == "old"
+    assert state.schema_version() == 3 and state.federation_id() == "old"
     run = state.current_run()
     assert (run.run_id, run.state, run.round, run.number, run.config.rounds) == ("r1", RunState.RUNNING, 2, 1, 2)
     assert run.stop_reason is None and run.config_source == CONFIG_FROM_FEDERATION_TOML
@@ -85,12 +86,12 @@ def test_a_state_from_a_newer_version_is_refused_and_left_alone(tmp_path, readon
     state.init_federation("f" * 32, "ca")
     state.close()
     db = sqlite3.connect(tmp_path / "state.db")
-    db.execute("PRAGMA user_version=3")
+    db.execute("PRAGMA user_version=4")
     db.close()
-    with pytest.raises(StateError, match=r"state schema version 3 is newer than this fedvlm's \(2\)"):
+    with pytest.raises(StateError, match=r"state schema version 4 is newer than this fedvlm's \(3\)"):
         State(tmp_path / "state.db", readonly=readonly)
     db = sqlite3.connect(tmp_path / "state.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     assert db.execute("SELECT value FROM meta").fetchall() == [("f" * 32,)]
 
 
@@ -107,7 +108,7 @@ def test_the_cli_refuses_a_newer_state_directory_with_one_line(tmp_path):
         assert result.exit_code == 1, (args, result.output)
         text = " ".join(result.output.split())  # rich wraps long lines at the terminal's width
         assert text.startswith("error:") and text.count("error:") == 1, (args, result.output)
-        assert "state schema version 7 is newer than this fedvlm's (2)" in text and "Traceback" not in text
+        assert "state schema version 7 is newer than this fedvlm's (3)" in text and "Traceback" not in text
 
 
 def test_a_file_that_is_not_a_database_is_refused(tmp_path):
@@ -192,3 +193,20 @@ def test_a_restarted_coordinator_reads_the_runs_it_stored_in_either_task_json_sh
     db.commit()
     db.close()
     assert State(tmp_path / "state.db", readonly=True).current_run().task == spec
+
+
+def test_a_version_2_state_is_upgraded_to_3_with_the_secure_aggregation_tables(tmp_path):
+    _version_1_database(tmp_path / "state.db", 1)
+    db = sqlite3.connect(tmp_path / "state.db")
+    for statement in filter(str.strip, UPGRADES[2].split(";")):
+        db.execute(statement)
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    state = State(tmp_path / "state.db")
+    assert state.schema_version() == 3 and state.current_run().run_id == "r1"
+    state.open_secagg("r1", 2, 1, 2, 60.0)
+    state.record_secagg_keys("r1", 2, 1, "a", "{}", b"sig", b"pem")
+    assert [k.client for k in state.secagg_keys("r1", 2, 1)] == ["a"]
+    with pytest.raises(TransitionRefused, match="not in secure-aggregation phase shares"):
+        state.record_secagg_shares("r1", 2, 1, "a", {"a": b"x"})

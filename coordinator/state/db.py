@@ -41,6 +41,9 @@ from .records import (
     RoundPhase,
     Run,
     RunState,
+    SecAggKeys,
+    SecAggPhase,
+    SecAggRound,
     ServerStateRef,
     Token,
     Update,
@@ -51,7 +54,7 @@ from .records import (
 # The schema's version, kept in SQLite's `PRAGMA user_version`. 0 is a database from before versions were
 # recorded (the same tables as version 1). A change of the tables means a new number and an upgrade step in
 # UPGRADES; every database, new or old, is SCHEMA (version 1) plus the upgrades past its own version, in order.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -104,6 +107,25 @@ UPGRADES = {
     ALTER TABLE clients ADD COLUMN run_id TEXT;
     ALTER TABLE clients ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE clients ADD COLUMN steps_total INTEGER NOT NULL DEFAULT 0;
+    """,
+    # Secure aggregation (coordinator/secagg_phase.py): each attempt's sub-phase and site lists, the sites' signed
+    # keys, the encrypted shares the coordinator relays and the shares revealed to unmask.
+    3: """
+    CREATE TABLE IF NOT EXISTS secagg_rounds (
+        run_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, phase TEXT NOT NULL,
+        threshold INTEGER NOT NULL, sites_json TEXT NOT NULL DEFAULT '[]', sharers_json TEXT NOT NULL DEFAULT '[]',
+        survivors_json TEXT NOT NULL DEFAULT '[]', dropped_json TEXT NOT NULL DEFAULT '[]', deadline REAL,
+        reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (run_id, round, attempt));
+    CREATE TABLE IF NOT EXISTS secagg_keys (
+        run_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, client TEXT NOT NULL,
+        advertisement_json TEXT NOT NULL, signature BLOB NOT NULL, cert_pem BLOB NOT NULL,
+        PRIMARY KEY (run_id, round, attempt, client));
+    CREATE TABLE IF NOT EXISTS secagg_shares (
+        run_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, owner TEXT NOT NULL,
+        holder TEXT NOT NULL, ciphertext BLOB NOT NULL, PRIMARY KEY (run_id, round, attempt, owner, holder));
+    CREATE TABLE IF NOT EXISTS secagg_reveals (
+        run_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, client TEXT NOT NULL,
+        reveal_json TEXT NOT NULL, PRIMARY KEY (run_id, round, attempt, client));
     """,
 }
 
@@ -592,6 +614,115 @@ class State:
                    (run_id, number, client, kind.value, global_digest, json.dumps(metrics, sort_keys=True),
                     self.now()))
 
+    # -- secure aggregation (coordinator/secagg_phase.py) ----------------------------------------------------------
+    def secagg_round(self, run_id: str, number: int, attempt: int) -> SecAggRound | None:
+        """The secure-aggregation attempt `attempt` of round `number`."""
+        row = self._one("SELECT * FROM secagg_rounds WHERE run_id=? AND round=? AND attempt=?",
+                        (run_id, number, attempt))
+        return _secagg_round(row) if row else None
+
+    def open_secagg(self, run_id: str, number: int, attempt: int, threshold: int, deadline: float) -> SecAggRound:
+        """Attempt `attempt` of the round collects its sampled sites' keys until `deadline` (no-op if it exists)."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO secagg_rounds(run_id, round, attempt, phase, threshold, deadline) "
+                       "VALUES (?,?,?,?,?,?)", (run_id, number, attempt, SecAggPhase.KEYS.value, threshold, deadline))
+        return self.secagg_round(run_id, number, attempt)
+
+    def record_secagg_keys(self, run_id: str, number: int, attempt: int, client: str, advertisement_json: str,
+                           signature: bytes, cert_pem: bytes) -> None:
+        """A sampled site's signed keys (refused unless the attempt collects keys; a site advertises once)."""
+        with self._tx() as db:
+            self._secagg_in(db, run_id, number, attempt, SecAggPhase.KEYS)
+            row = db.execute("SELECT advertisement_json FROM secagg_keys WHERE run_id=? AND round=? AND attempt=? "
+                             "AND client=?", (run_id, number, attempt, client)).fetchone()
+            if row is not None:
+                if row["advertisement_json"] != advertisement_json:
+                    raise TransitionRefused(f"{client} already advertised other keys in this attempt")
+                return
+            db.execute("INSERT INTO secagg_keys(run_id, round, attempt, client, advertisement_json, signature, "
+                       "cert_pem) VALUES (?,?,?,?,?,?,?)",
+                       (run_id, number, attempt, client, advertisement_json, signature, cert_pem))
+
+    def secagg_keys(self, run_id: str, number: int, attempt: int) -> list[SecAggKeys]:
+        """The keys advertised in the attempt, by site name."""
+        rows = self._all("SELECT * FROM secagg_keys WHERE run_id=? AND round=? AND attempt=? ORDER BY client",
+                         (run_id, number, attempt))
+        return [SecAggKeys(r["client"], r["advertisement_json"], r["signature"], r["cert_pem"]) for r in rows]
+
+    def record_secagg_shares(self, run_id: str, number: int, attempt: int, owner: str,
+                             shares: dict[str, bytes]) -> None:
+        """Site `owner`'s encrypted shares, holder -> ciphertext (refused unless the attempt collects shares)."""
+        with self._tx() as db:
+            self._secagg_in(db, run_id, number, attempt, SecAggPhase.SHARES)
+            db.execute("DELETE FROM secagg_shares WHERE run_id=? AND round=? AND attempt=? AND owner=?",
+                       (run_id, number, attempt, owner))
+            for holder, blob in sorted(shares.items()):
+                db.execute("INSERT INTO secagg_shares(run_id, round, attempt, owner, holder, ciphertext) "
+                           "VALUES (?,?,?,?,?,?)", (run_id, number, attempt, owner, holder, blob))
+
+    def secagg_sharers(self, run_id: str, number: int, attempt: int) -> list[str]:
+        """The sites that sent their shares in the attempt, by name."""
+        rows = self._all("SELECT DISTINCT owner FROM secagg_shares WHERE run_id=? AND round=? AND attempt=? "
+                         "ORDER BY owner", (run_id, number, attempt))
+        return [r["owner"] for r in rows]
+
+    def secagg_shares_for(self, run_id: str, number: int, attempt: int, holder: str,
+                          owners: Sequence[str]) -> dict[str, bytes]:
+        """Owner -> the ciphertext it encrypted to `holder`, for the given owners."""
+        rows = self._all("SELECT owner, ciphertext FROM secagg_shares WHERE run_id=? AND round=? AND attempt=? "
+                         "AND holder=?", (run_id, number, attempt, holder))
+        return {r["owner"]: r["ciphertext"] for r in rows if r["owner"] in set(owners)}
+
+    def record_secagg_reveal(self, run_id: str, number: int, attempt: int, client: str, reveal_json: str) -> None:
+        """A survivor's revealed shares (refused unless the attempt unmasks; a site reveals once)."""
+        with self._tx() as db:
+            self._secagg_in(db, run_id, number, attempt, SecAggPhase.UNMASK)
+            db.execute("INSERT OR IGNORE INTO secagg_reveals(run_id, round, attempt, client, reveal_json) "
+                       "VALUES (?,?,?,?,?)", (run_id, number, attempt, client, reveal_json))
+
+    def secagg_reveals(self, run_id: str, number: int, attempt: int) -> dict[str, str]:
+        """Site -> its revealed shares (JSON) in the attempt."""
+        rows = self._all("SELECT client, reveal_json FROM secagg_reveals WHERE run_id=? AND round=? AND attempt=?",
+                         (run_id, number, attempt))
+        return {r["client"]: r["reveal_json"] for r in rows}
+
+    def advance_secagg(self, run_id: str, number: int, attempt: int, phase: SecAggPhase, to: SecAggPhase,
+                       sites: Sequence[str], deadline: float | None, late: Sequence[str] = ()) -> None:
+        """`phase` -> `to`, fixing the site list `to` works on (shares: the key set; masked: the sharers;
+        unmask: the survivors, the other sharers being the dropped), setting the sub-phase's `deadline` (None: the
+        round's) and marking `late` sites late, at once."""
+        column = {SecAggPhase.SHARES: "sites_json", SecAggPhase.MASKED: "sharers_json",
+                  SecAggPhase.UNMASK: "survivors_json"}[to]
+        with self._tx() as db:
+            current = self._secagg_in(db, run_id, number, attempt, phase)
+            db.execute(f"UPDATE secagg_rounds SET phase=?, {column}=?, deadline=? WHERE run_id=? AND round=? "
+                       "AND attempt=?", (to.value, json.dumps(sorted(sites)), deadline, run_id, number, attempt))
+            if to is SecAggPhase.UNMASK:
+                dropped = sorted(set(current.sharers) - set(sites))
+                db.execute("UPDATE secagg_rounds SET dropped_json=? WHERE run_id=? AND round=? AND attempt=?",
+                           (json.dumps(dropped), run_id, number, attempt))
+            self._mark_late(db, run_id, number, late)
+
+    def restart_secagg_round(self, run_id: str, number: int, attempt: int, reason: str) -> None:
+        """The attempt cannot finish: it is abandoned with `reason`, its masked updates (useless without its
+        unmasking) and partial uploads are dropped, and the round samples again (attempt + 1), all at once."""
+        with self._tx() as db:
+            db.execute("UPDATE secagg_rounds SET phase=?, reason=? WHERE run_id=? AND round=? AND attempt=?",
+                       (SecAggPhase.ABANDONED.value, reason, run_id, number, attempt))
+            for table in ("updates", "uploads", "assignments"):
+                db.execute(f"DELETE FROM {table} WHERE run_id=? AND round=?", (run_id, number))
+            db.execute("UPDATE rounds SET phase=?, attempt=attempt+1, deadline=NULL WHERE run_id=? AND round=?",
+                       (RoundPhase.WAITING.value, run_id, number))
+
+    def _secagg_in(self, db: sqlite3.Connection, run_id: str, number: int, attempt: int,
+                   phase: SecAggPhase) -> SecAggRound:
+        row = db.execute("SELECT * FROM secagg_rounds WHERE run_id=? AND round=? AND attempt=?",
+                         (run_id, number, attempt)).fetchone()
+        if row is None or row["phase"] != phase.value:
+            raise TransitionRefused(f"round {number} attempt {attempt} is not in secure-aggregation phase {phase}"
+                                    f" (it is {row['phase'] if row else 'not open'})")
+        return _secagg_round(row)
+
     # -- audit -----------------------------------------------------------------------------------------------------
     def audit_entries(self) -> list[AuditEntry]:
         """The whole audit chain, oldest first."""
@@ -638,6 +769,15 @@ def _client(row: sqlite3.Row) -> Client:
 def _upload(row: sqlite3.Row) -> Upload:
     return Upload(row["upload_id"], row["run_id"], row["round"], row["client"], row["nonce"], row["manifest_json"],
                   row["signature"], row["size"], row["sha256"], row["received"], row["created_at"])
+
+
+def _secagg_round(row: sqlite3.Row) -> SecAggRound:
+    def names(column: str) -> tuple[str, ...]:
+        return tuple(json.loads(row[column]))
+
+    return SecAggRound(row["run_id"], row["round"], row["attempt"], SecAggPhase(row["phase"]), row["threshold"],
+                       names("sites_json"), names("sharers_json"), names("survivors_json"), names("dropped_json"),
+                       row["deadline"], row["reason"])
 
 
 def _global(row: sqlite3.Row) -> GlobalVersion:

@@ -20,7 +20,8 @@ from ..config import RunConfig
 __all__ = [
     "CONFIG_FROM_FEDERATION_TOML", "GENESIS", "Activity", "AssignmentState", "AuditEntry", "Client", "GlobalVersion",
     "MetricsKind", "MetricsReport",
-    "Next", "Round", "RoundPhase", "Run", "RunState", "ServerStateRef", "Token", "Update", "Upload", "audit_hash",
+    "Next", "Round", "RoundPhase", "Run", "RunState", "SecAggKeys", "SecAggPhase", "SecAggRound", "ServerStateRef",
+    "Token", "Update", "Upload", "audit_hash",
 ]
 
 
@@ -59,6 +60,17 @@ class AssignmentState(StrEnum):
     ASSIGNED = "assigned"  # asked for an update (or an evaluation); refused once the round's deadline has passed
     ACCEPTED = "accepted"  # its update is in and stays in, whatever happens to the round
     LATE = "late"  # the deadline passed first: its update is refused
+
+
+class SecAggPhase(StrEnum):
+    """A secure-aggregation attempt of a training round (coordinator/secagg_phase.py): keys -> shares -> masked
+    (the masked uploads) -> unmask; abandoned when it cannot finish (the round then samples again)."""
+
+    KEYS = "keys"
+    SHARES = "shares"
+    MASKED = "masked"
+    UNMASK = "unmask"
+    ABANDONED = "abandoned"
 
 
 class Activity(StrEnum):
@@ -258,3 +270,30 @@ class AuditEntry:
     def entry(self) -> dict[str, Any]:
         """The entry's content (its canonical JSON, parsed)."""
         return json.loads(self.entry_json)
+
+
+@dataclass(frozen=True)
+class SecAggRound:
+    """One secure-aggregation attempt of a round and the site lists each sub-phase fixed."""
+
+    run_id: str
+    round: int
+    attempt: int  # the round's attempt (Round.attempt) it belongs to
+    phase: SecAggPhase
+    threshold: int
+    sites: tuple[str, ...]  # whose keys were collected (fixed from "shares" on)
+    sharers: tuple[str, ...]  # who sent their shares (fixed from "masked" on)
+    survivors: tuple[str, ...]  # whose masked update was accepted (fixed from "unmask" on)
+    dropped: tuple[str, ...]  # sharers without an accepted masked update
+    deadline: float | None  # of the current sub-phase (None: the round's deadline)
+    reason: str  # why it was abandoned
+
+
+@dataclass(frozen=True)
+class SecAggKeys:
+    """A site's signed key advertisement of one attempt, with the certificate it connected with."""
+
+    client: str
+    advertisement_json: str
+    signature: bytes
+    cert_pem: bytes

@@ -24,6 +24,8 @@ class AlgorithmConfig:
     # Whether the server step may run on re-factorised LoRA products (lora_exact): true for a plain x + d step
     # without state, false where moments or control variates live in the coordinates of the factors.
     supports_lora_exact: ClassVar[bool] = False
+    # Whether the server step needs only the weighted sum of the adapters' deltas (secure aggregation hides the rest).
+    supports_secure_aggregation: ClassVar[bool] = True
 
     aggregator: str = "mean"  # mean | median | trimmed_mean | krum
     trim_ratio: float = 0.2  # trimmed_mean: fraction cut at each end per coordinate
@@ -33,6 +35,8 @@ class AlgorithmConfig:
     dp_noise_multiplier: float = 0.0  # > 0: central Gaussian noise (needs clip_norm and the mean aggregator)
     dp_delta: float = 1e-5
     lora_exact: bool = False  # aggregate LoRA products B·A and re-factorise to rank r (SVD)
+    secure_aggregation: bool = False  # the coordinator learns only the sum of the sites' updates (Bonawitz et al.)
+    secagg_threshold: int = 0  # sites that must stay to unmask (more than half of the sampled); 0 = half + 1
 
     def __post_init__(self) -> None:
         require(self.aggregator in AGGREGATORS, "task.algorithm.aggregator", f"must be one of {', '.join(AGGREGATORS)}")
@@ -50,6 +54,11 @@ class AlgorithmConfig:
             require(self.supports_lora_exact, "task.algorithm.lora_exact",
                     f"not supported by {self.name}: its server step works in the coordinates of the LoRA factors")
             require(self.aggregator == "mean", "task.algorithm.lora_exact", "needs the mean aggregator")
+        require(self.secagg_threshold >= 0, "task.algorithm.secagg_threshold", "must be >= 0 (0: half the sampled + 1)")
+        if self.secure_aggregation:
+            from .secure_sum import check_secure_aggregation
+
+            check_secure_aggregation(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The [task.algorithm] table of this config: ``name`` and every field."""

@@ -44,6 +44,7 @@ C = "scaffold.c/"
 @dataclass(frozen=True)
 class ScaffoldConfig(AlgorithmConfig):
     name: ClassVar[str] = "scaffold"
+    supports_secure_aggregation: ClassVar[bool] = False  # its control variates are averaged apart from the deltas
 
     server_lr: float = 1.0  # global step size
     scaffold_clients: int = 0  # N, all sites of the federation; 0 = the sites of each round (full participation)

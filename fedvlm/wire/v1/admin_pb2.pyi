@@ -112,7 +112,7 @@ class RoundStatus(_message.Message):
     def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., server_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class FederationStatus(_message.Message):
-    __slots__ = ("federation_id", "run_id", "run_state", "round", "total_rounds", "phase", "deadline_unix", "quorum", "sampled", "accepted", "clients", "rounds", "now_unix", "live", "run_number", "stop_reason", "config_notice", "runs")
+    __slots__ = ("federation_id", "run_id", "run_state", "round", "total_rounds", "phase", "deadline_unix", "quorum", "sampled", "accepted", "clients", "rounds", "now_unix", "live", "run_number", "stop_reason", "config_notice", "runs", "secure_aggregation")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class FederationStatus(_message.Message):
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     CONFIG_NOTICE_FIELD_NUMBER: _ClassVar[int]
     RUNS_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     run_id: str
     run_state: str
@@ -149,4 +150,19 @@ class FederationStatus(_message.Message):
     stop_reason: str
     config_notice: str
     runs: _containers.RepeatedCompositeFieldContainer[RunSummary]
-    def __init__(self, federation_id: _Optional[str] = ..., run_id: _Optional[str] = ..., run_state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., quorum: _Optional[int] = ..., sampled: _Optional[int] = ..., accepted: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., now_unix: _Optional[float] = ..., live: _Optional[bool] = ..., run_number: _Optional[int] = ..., stop_reason: _Optional[str] = ..., config_notice: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ...) -> None: ...
+    secure_aggregation: SecAggProgress
+    def __init__(self, federation_id: _Optional[str] = ..., run_id: _Optional[str] = ..., run_state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., quorum: _Optional[int] = ..., sampled: _Optional[int] = ..., accepted: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., now_unix: _Optional[float] = ..., live: _Optional[bool] = ..., run_number: _Optional[int] = ..., stop_reason: _Optional[str] = ..., config_notice: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ..., secure_aggregation: _Optional[_Union[SecAggProgress, _Mapping]] = ...) -> None: ...
+
+class SecAggProgress(_message.Message):
+    __slots__ = ("phase", "attempt", "threshold", "done", "expected")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    attempt: int
+    threshold: int
+    done: int
+    expected: int
+    def __init__(self, phase: _Optional[str] = ..., attempt: _Optional[int] = ..., threshold: _Optional[int] = ..., done: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
