@@ -381,6 +381,10 @@ class Agent:
         except grpc.RpcError as exc:
             if exc.code() in RETRYABLE:
                 raise  # keep it in the outbox: the next attempt resumes
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # this very update was accepted (its answer was lost)
+                log.info("round %d: update already accepted (%s)", pending.manifest.round, exc.details())
+                self.outbox.remove(pending)
+                return
             log.warning("round %d: update refused by the coordinator: %s: %s", pending.manifest.round,
                         exc.code().name, exc.details())
             self.outbox.remove(pending)
