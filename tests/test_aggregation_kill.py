@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from fedvlm import adapters
+from fedvlm.client.transfer import Outbox, upload
+from fedvlm.security import signing
 from fedvlm.wire.v1 import federation_pb2 as pb
 
 from .harness import Coordinator, RawSite, coord_cli, tensors_bytes, wait_for
@@ -40,6 +42,12 @@ def adapter(value: float) -> bytes:
                           "layer.lora_B.weight": torch.full(SHAPE[::-1], value)})
 
 
+def send(site: RawSite, manifest, data: bytes) -> str:
+    """Upload through the product client (1 MiB frames from the site's outbox); the accepted digest."""
+    outbox = Outbox(site.state.outbox)
+    return upload(site.stub, outbox.put(manifest, signing.sign(site.identity.key, manifest.canonical()), data)).digest
+
+
 def test_a_coordinator_killed_during_aggregation_restarts_into_the_same_global(tmp_path):
     coord = Coordinator(tmp_path / "coord", CONFIG)
     coord.start()
@@ -47,12 +55,12 @@ def test_a_coordinator_killed_during_aggregation_restarts_into_the_same_global(t
     try:
         init = sites["a"].poll()
         data = adapter(0.0)
-        sites["a"].send(sites["a"].manifest(init, data), data)
+        send(sites["a"], sites["a"].manifest(init, data), data)
         task = wait_for(lambda: (t := sites["b"].poll()).action == pb.ACTION_TRAIN and t, 60, "round 1")
         digests = {}
         for name, value, examples in (("a", 1.0, 10), ("b", 4.0, 30)):
             data = adapter(value)
-            digests[name] = sites[name].send(sites[name].manifest(task, data, num_examples=examples), data).digest
+            digests[name] = send(sites[name], sites[name].manifest(task, data, num_examples=examples), data)
         coord.kill()  # the last update was just accepted: its aggregation is running
         assert coord.count("globals") == 1, "the kill came after the global was published: nothing was tested"
         coord.start()
