@@ -68,7 +68,7 @@ class Intake:
     # -- announcing an upload -------------------------------------------------------------------------------
     def start(self, client: str, client_cert: x509.Certificate, manifest_json: str, signature: bytes) -> UploadTicket:
         """Check a signed manifest and return where to (re)start sending its bytes."""
-        size = len(manifest_json.encode("utf-8", "surrogatepass"))
+        size = len(manifest_json.encode())
         if size > self.limits.manifest_bytes:
             raise Refused("RESOURCE_EXHAUSTED", f"manifest of {size} bytes exceeds limits.manifest_bytes "
                                                 f"({self.limits.manifest_bytes})")
@@ -343,8 +343,7 @@ class Intake:
 def _refusal(exc: AdapterError) -> Refused:
     """The gRPC refusal of an update whose bytes were refused: a limit (named by its key) or malformed bytes."""
     if isinstance(exc, LimitExceeded):
-        key = {"header_bytes": "limits.header_bytes", "tensors": "limits.tensors_per_update"}[exc.limit]
-        return Refused("RESOURCE_EXHAUSTED", f"update refused: {exc} ({key})")
+        return Refused("RESOURCE_EXHAUSTED", f"update refused: {exc} (limits.{exc.limit})")
     return Refused("INVALID_ARGUMENT", f"update refused: {exc}")
 
 

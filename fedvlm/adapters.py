@@ -88,7 +88,8 @@ class AdapterError(ValueError):
 
 
 class LimitExceeded(AdapterError):
-    """A header is larger, or holds more tensors, than the caller allows; `limit` is "header_bytes" or "tensors"."""
+    """A header is larger, or holds more tensors, than the caller allows; `limit` is "header_bytes" or
+    "tensors_per_update"."""
 
     def __init__(self, limit: str, message: str) -> None:
         super().__init__(message)
@@ -151,7 +152,8 @@ def _parse_header(header: bytes, data_len: int, max_tensors: int | None = None) 
     # Every entry holds the key "data_offsets" (a tensor name or metadata string can only hold it escaped, but a
     # tensor named data_offsets counts twice): counting it bounds the entries before json builds any object.
     if max_tensors is not None and header.count(b'"data_offsets"') > max_tensors:
-        raise LimitExceeded("tensors", f"safetensors header holds more than the limit of {max_tensors} tensors")
+        raise LimitExceeded("tensors_per_update",
+                            f"safetensors header holds more than the limit of {max_tensors} tensors")
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         obj = dict(pairs)

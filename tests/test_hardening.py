@@ -23,12 +23,15 @@ from fedvlm.client.cli import app as client_app
 from fedvlm.client.identity import StateDir
 from fedvlm.client.transfer import Outbox, upload
 from fedvlm.coordinator.cli import app as coord_app
+from fedvlm.coordinator.config import LimitsConfig, RunConfig
 from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest
 from fedvlm.wire.v1 import federation_pb2 as pb
 from fedvlm.wire.v1 import federation_pb2_grpc
 
 from .harness import RawSite, coord_cli, tensors_bytes, wait_for
+from .inprocess import InProcessCoordinator
+from .inprocess import tensors as in_process_tensors
 from .served import ServedCoordinator
 
 CONFIG = """
@@ -430,7 +433,28 @@ def test_a_resumed_upload_whose_bytes_are_all_durable_is_accepted_without_retrai
         {"client": "a", "digest": manifest.sha256}]
     assert fed.snapshot()["blobs"] == sorted([*before["blobs"], manifest.sha256])
     assert fed.no_partial_upload()
+    # Its answer lost again, the agent resends: ALREADY_EXISTS means this very update is in, so the algorithm state
+    # of the round is kept (the round counted) and the outbox emptied.
+    pending = outbox.put(manifest, pending.signature, data)
+    agent._save_algorithm_state(manifest.run_id, manifest.round, {"c": torch.zeros(1)})
+    with site.identity.channel(fed.coord.address) as channel:
+        agent._upload(federation_pb2_grpc.FederationStub(channel), pending)
+    assert outbox.get(manifest.run_id, manifest.round) is None
+    assert agent._algorithm_state_files(manifest.run_id) != []
     fed.legitimate_site_is_served()
+
+
+def test_unfinished_uploads_past_their_retention_are_reclaimed_and_those_of_the_open_round_kept(tmp_path):
+    coord = InProcessCoordinator(tmp_path, RunConfig(rounds=2, min_clients=3, clients_per_round=3, quorum=3))
+    coord.intake.limits = LimitsConfig(partial_upload_retention=60)
+    coord.open_round_one()
+    data = adapters.to_bytes(in_process_tensors(1.0))
+    ticket = coord.start("a", coord.manifest("a", data))
+    coord.intake.receive("a", iter([(ticket.upload_id, 0, data[:100])]))
+    assert coord.intake.reclaim() == 0  # the open round's, within its retention: kept
+    coord.clock.advance(61)
+    assert coord.intake.reclaim() == 1
+    assert coord.state.upload(ticket.upload_id) is None and not coord.intake.part_path(ticket.upload_id).exists()
 
 
 # -- 14: a site's own data ------------------------------------------------------------------------------------------
@@ -475,3 +499,18 @@ def test_limits_are_read_from_federation_toml_and_a_bad_one_names_its_key(tmp_pa
     path.write_text('[limits]\nstream_idle_timeout = "2m"\nheader_bytes = 1024\n')
     limits = FederationConfig.load(path).limits
     assert (limits.stream_idle_timeout, limits.header_bytes, limits.uploads_per_site) == (120.0, 1024, 2)
+
+
+def test_every_limit_is_in_the_operations_table_and_the_default_federation_toml():
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    from fedvlm.coordinator.config import DEFAULT_TOML, FederationConfig
+
+    table = Path(__file__).parent.parent.joinpath("docs", "operations.md").read_text().split("## Limits", 1)[1]
+    defaults = tomllib.loads(DEFAULT_TOML.format(name="x"))["limits"]
+    for field in dataclasses.fields(LimitsConfig):
+        assert f"| `limits.{field.name}` |" in table, field.name
+        assert field.name in defaults, field.name
+    assert FederationConfig.from_dict({"limits": defaults}).limits == LimitsConfig()  # the file shows the defaults
