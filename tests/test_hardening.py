@@ -23,7 +23,7 @@ from fedvlm.client.cli import app as client_app
 from fedvlm.client.identity import StateDir
 from fedvlm.client.transfer import Outbox, upload
 from fedvlm.coordinator.cli import app as coord_app
-from fedvlm.coordinator.config import LimitsConfig, RunConfig
+from fedvlm.coordinator.config import RunConfig
 from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest
 from fedvlm.wire.v1 import federation_pb2 as pb
@@ -445,6 +445,8 @@ def test_a_resumed_upload_whose_bytes_are_all_durable_is_accepted_without_retrai
 
 
 def test_unfinished_uploads_past_their_retention_are_reclaimed_and_those_of_the_open_round_kept(tmp_path):
+    from fedvlm.coordinator.config import LimitsConfig
+
     coord = InProcessCoordinator(tmp_path, RunConfig(rounds=2, min_clients=3, clients_per_round=3, quorum=3))
     coord.intake.limits = LimitsConfig(partial_upload_retention=60)
     coord.open_round_one()
@@ -506,7 +508,7 @@ def test_every_limit_is_in_the_operations_table_and_the_default_federation_toml(
     import tomllib
     from pathlib import Path
 
-    from fedvlm.coordinator.config import DEFAULT_TOML, FederationConfig
+    from fedvlm.coordinator.config import DEFAULT_TOML, FederationConfig, LimitsConfig
 
     table = Path(__file__).parent.parent.joinpath("docs", "operations.md").read_text().split("## Limits", 1)[1]
     defaults = tomllib.loads(DEFAULT_TOML.format(name="x"))["limits"]
