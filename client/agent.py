@@ -32,8 +32,11 @@ from .transfer import Outbox, VerificationError, download_global, upload, verify
 
 log = logging.getLogger(__name__)
 
+# ABORTED: the coordinator still runs an older stream of this upload (e.g. one cut off by the network that it has
+# not noticed yet); the next attempt resumes from where that one ends.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED}
 MAX_BACKOFF = 30.0
 
 
