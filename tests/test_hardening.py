@@ -290,6 +290,13 @@ def test_two_concurrent_streams_on_one_upload_one_wins_the_other_gets_a_clear_st
     wait_for(lambda: part.exists() and part.stat().st_size > 0, 30, "the first stream to be writing")
     error = refusal(lambda: stream(site, state, data))
     assert error.code() == grpc.StatusCode.ABORTED and "another stream is sending this upload" in error.details()
+    # The site agent, resuming the same signed update meanwhile, keeps it to retry (it does not retrain).
+    manifest = UpdateManifest.from_json(fed.coord.query("SELECT manifest_json FROM uploads")[0]["manifest_json"])
+    outbox = Outbox(site.state.outbox)
+    pending = outbox.put(manifest, signing.sign(site.identity.key, manifest.canonical()), data)
+    agent = Agent(fed.coord.address, site.identity, site.state, fed.root)
+    assert refusal(lambda: agent._upload(site.stub, pending)).code() == grpc.StatusCode.ABORTED
+    assert outbox.get(manifest.run_id, manifest.round) == pending
     release.set()
     assert first.result().digest == adapters.sha256_hex(data)  # the first one wins
     error = refusal(lambda: stream(site, state, data))  # a late third stream: the id is gone with its upload
