@@ -33,8 +33,11 @@ from .transfer import Outbox, VerificationError, download_global, upload, verify
 
 log = logging.getLogger(__name__)
 
+# ABORTED: the coordinator still runs an older stream of this upload (e.g. one cut off by the network that it has
+# not noticed yet); the next attempt resumes from where that one ends.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED}
 MAX_BACKOFF = 30.0
 
 
@@ -411,6 +414,10 @@ class Agent:
         except grpc.RpcError as exc:
             if exc.code() in RETRYABLE:
                 raise  # keep it in the outbox: the next attempt resumes
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # this very update was accepted (its answer was lost)
+                log.info("round %d: update already accepted (%s)", pending.manifest.round, exc.details())
+                self.outbox.remove(pending)
+                return
             log.warning("round %d: update refused by the coordinator: %s: %s", pending.manifest.round,
                         exc.code().name, exc.details())
             self.outbox.remove(pending)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from fedvlm.data.llava_json import DataError
+from fedvlm.data.sources import resolve_site_data
 from fedvlm.logs import setup_logging
 
 from .identity import EnrollmentError, StateDir
@@ -70,6 +72,13 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    try:  # a site's data is checked whole before it enrolls or takes a round: one line names file, record, field
+        site_data = resolve_site_data(data)
+        for split in ("train", "test"):
+            site_data.load(split)
+    except DataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     state_dir = StateDir(state)
     identity = state_dir.load()
     try:
@@ -98,7 +107,7 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
         finally:
             if workers is not None:
                 workers.close()
-    except (EnrollmentError, FatalError) as exc:
+    except (EnrollmentError, FatalError, DataError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
 

@@ -159,6 +159,9 @@ def upload(stub: federation_pb2_grpc.FederationStub, pending: PendingUpload, pro
         nonlocal sent
         started = time.monotonic()
         chunk = CHUNK_SIZE if not max_rate else max(4096, min(CHUNK_SIZE, int(max_rate / 4)))
+        if state.offset == size:  # every byte is held (the coordinator stopped before accepting): finalize them
+            yield federation_pb2.UploadChunk(upload_id=state.upload_id, offset=size, data=b"")
+            return
         for offset, data in iter_file_chunks(pending.payload, state.offset, chunk):
             if max_rate:
                 ahead = (sent + len(data)) / max_rate - (time.monotonic() - started)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -228,7 +229,7 @@ def status(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = C
 
     if watch <= 0:
         if as_json:
-            typer.echo(json.dumps(fetch(), indent=2, sort_keys=True))
+            typer.echo(_json(fetch()))
         else:
             render(fetch(), console)
         return
@@ -251,7 +252,7 @@ def _watch_lines(fetch, every: float, as_json: bool) -> None:
         status = fetch()
         key = change_key(status)
         if key != last:
-            line = json.dumps(status, sort_keys=True) if as_json else summary_line(status)
+            line = _json(status, indent=None) if as_json else summary_line(status)
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
             last = key
@@ -264,7 +265,7 @@ def clients(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = 
     """Enrolled sites with their state."""
     s = _status_dict(dir, coordinator, cert, key, ca)
     if as_json:
-        typer.echo(json.dumps(s["clients"], indent=2, sort_keys=True))
+        typer.echo(_json(s["clients"]))
     else:
         console.print(client_table(s))
 
@@ -275,7 +276,7 @@ def rounds(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path = C
     """Global versions of a run (default: the current one) with their number of updates and evaluation metrics."""
     s = _status_dict(dir, coordinator, cert, key, ca, run)
     if as_json:
-        typer.echo(json.dumps(s["rounds"], indent=2, sort_keys=True))
+        typer.echo(_json(s["rounds"]))
     else:
         console.print(rounds_table(s))
 
@@ -312,6 +313,20 @@ def health(dir: Path = DirOpt,
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         fail(f"{coordinator}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
     typer.echo(f"{coordinator}: SERVING")
+
+
+def _json(value, indent: int | None = 2) -> str:
+    """`--json` output: always valid JSON (a non-finite number, which JSON cannot hold, is written as null)."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=indent, sort_keys=True, allow_nan=False)
 
 
 @app.command()
@@ -370,7 +385,7 @@ def run_list(dir: Path = LocalDirOpt, coordinator: str = RemoteOpt, cert: Path =
     """Every run of the federation, oldest first."""
     s = _status_dict(dir, coordinator, cert, key, ca)
     if as_json:
-        typer.echo(json.dumps(s["runs"], indent=2, sort_keys=True))
+        typer.echo(_json(s["runs"]))
     else:
         console.print(runs_table(s))
 

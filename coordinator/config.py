@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedvlm.adapters import MAX_HEADER_BYTES
 from fedvlm.spec import SpecError, TaskSpec
 from fedvlm.tables import Duration, from_table, require
 
@@ -46,12 +47,35 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one site may send or hold (docs/operations.md, "Limits"). Each is checked before the work it bounds,
+    and a refusal names its key. They bound the coordinator, not the run: editing them needs no new run."""
+
+    header_bytes: int = 4 << 20  # the JSON header of an update's safetensors bytes
+    tensors_per_update: int = 16384
+    manifest_bytes: int = 16384  # the signed manifest's JSON
+    metric_keys: int = 64  # keys of one metrics report
+    metric_key_bytes: int = 64  # UTF-8 bytes of one metric key
+    uploads_per_site: int = 2  # partial (announced, unfinished) uploads one site may hold at once
+    streams_per_site: int = 2  # Upload streams one site may have open at once
+    stream_idle_timeout: Duration = 60.0  # an Upload stream sending nothing for this long is cancelled
+    partial_upload_retention: Duration = 86400.0  # an unfinished upload older than this is reclaimed
+
+    def __post_init__(self) -> None:
+        for key in ("header_bytes", "tensors_per_update", "manifest_bytes", "metric_keys", "metric_key_bytes",
+                    "uploads_per_site", "streams_per_site"):
+            require(getattr(self, key) >= 1, f"limits.{key}", "must be >= 1")
+        require(self.header_bytes <= MAX_HEADER_BYTES, "limits.header_bytes", f"must be <= {MAX_HEADER_BYTES}")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
-    """The whole federation.toml: a name, the run schedule and the task every site trains."""
+    """The whole federation.toml: a name, the run schedule, the task every site trains and the limits per site."""
 
     name: str = "fedvlm"
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskSpec = field(default_factory=TaskSpec)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and self.name != "", "name", "must be a non-empty string")
@@ -99,6 +123,17 @@ round_deadline = "10m"     # a round closes at its deadline; late updates are re
 poll_interval = "1s"
 heartbeat_timeout = "60s"
 max_update_mb = 1024       # larger updates are refused
+
+[limits]                   # what one site may send or hold (docs/operations.md, "Limits"); these are the defaults
+header_bytes = 4194304     # the JSON header of an update
+tensors_per_update = 16384
+manifest_bytes = 16384
+metric_keys = 64           # keys per metrics report
+metric_key_bytes = 64
+uploads_per_site = 2       # unfinished uploads at once
+streams_per_site = 2       # Upload streams at once
+stream_idle_timeout = "60s"
+partial_upload_retention = "24h"
 
 [task]
 model = "tiny-llava"       # a built-in preset, "hf:<local path>" or "hf:<hub id>[@<revision>]"

@@ -15,14 +15,14 @@ from .state import State
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole names only (fullmatch): "$" takes a "\n"
 RESERVED_NAMES = {"admin", "coordinator"}
 CLIENT_CERT_TTL = 365 * 24 * 3600
 
 
 def check_site_name(name: str) -> None:
     """Site names become certificate CNs and table keys: lowercase letters, digits, . _ -; not reserved."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(f"invalid site name {name!r}: use 1-63 of a-z 0-9 . _ - starting with a letter or digit")
     if name in RESERVED_NAMES:
         raise ValueError(f"site name {name!r} is reserved")

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from fedvlm import adapters
-from fedvlm.adapters import AdapterError
+from fedvlm.adapters import AdapterError, LimitExceeded
 from fedvlm.algorithms import build
 from fedvlm.algorithms.base import AUX_PREFIX
 from fedvlm.algorithms.lora_exact import rank_flexible_schema
@@ -27,6 +27,7 @@ from fedvlm.security import signing
 from fedvlm.security.signing import SignatureError, UpdateManifest
 
 from .blobs import BlobStore, file_sha256
+from .config import LimitsConfig
 from .errors import Refused
 from .secagg_phase import check_masked_upload, masked_schema
 from .state import AssignmentState, RoundPhase, Run, RunState, State, Upload
@@ -52,8 +53,9 @@ class Intake:
     """Accepts updates for the current run; `on_accepted` wakes the round driver. Time is the state's clock."""
 
     def __init__(self, state: State, blobs: BlobStore, uploads_dir: Path, federation_id: str,
-                 max_update_bytes: int, on_accepted: Callable[[], None]) -> None:
+                 max_update_bytes: int, on_accepted: Callable[[], None], limits: LimitsConfig = LimitsConfig()) -> None:
         self.state = state
+        self.limits = limits
         self.blobs = blobs
         self.uploads_dir = uploads_dir
         self.federation_id = federation_id
@@ -67,6 +69,10 @@ class Intake:
     # -- announcing an upload -------------------------------------------------------------------------------
     def start(self, client: str, client_cert: x509.Certificate, manifest_json: str, signature: bytes) -> UploadTicket:
         """Check a signed manifest and return where to (re)start sending its bytes."""
+        size = len(manifest_json.encode())
+        if size > self.limits.manifest_bytes:
+            raise Refused("RESOURCE_EXHAUSTED", f"manifest of {size} bytes exceeds limits.manifest_bytes "
+                                                f"({self.limits.manifest_bytes})")
         try:
             manifest = UpdateManifest.from_json(manifest_json)
         except ValueError as exc:
@@ -93,6 +99,11 @@ class Intake:
                 raise Refused("ALREADY_EXISTS", "nonce reuse: another manifest was announced with this nonce")
             return UploadTicket(existing.upload_id, existing.received, existing.size)
         self._check_round(manifest)
+        self.reclaim()
+        held = [u for u in self.state.uploads(manifest.run_id, manifest.round) if u.client == client]
+        if len(held) >= self.limits.uploads_per_site:
+            raise Refused("RESOURCE_EXHAUSTED", f"{client!r} already holds {len(held)} unfinished uploads "
+                                                f"(limits.uploads_per_site = {self.limits.uploads_per_site})")
         upload_id = hashlib.sha256(f"{client}:{manifest.nonce}".encode()).hexdigest()[:32]
         self.state.announce_upload(upload_id, manifest, manifest_json, signature)
         log.info("upload announced client=%s round=%d size=%d id=%s", client, manifest.round, manifest.size,
@@ -143,14 +154,37 @@ class Intake:
         first = next(frames, None)
         if first is None:
             raise Refused("INVALID_ARGUMENT", "empty upload stream")
-        upload = self.state.upload(first[0])
-        if upload is None or upload.client != client:
+        announced = self.state.upload(first[0])
+        if announced is None or announced.client != client:
             raise Refused("NOT_FOUND", "unknown upload id: call StartUpload first")
-        with self._lock_for(upload.upload_id):
+        lock = self._lock_for(announced.upload_id)
+        if not lock.acquire(blocking=False):
+            raise Refused("ABORTED", "another stream is sending this upload now; resume after it ends")
+        try:
+            upload = self.state.upload(announced.upload_id)  # again, under the lock: that stream may have ended it
+            if upload is None:
+                if self.state.nonce_used(announced.nonce):
+                    raise Refused("ALREADY_EXISTS", "this upload was already accepted")
+                raise Refused("NOT_FOUND", "this upload was discarded: call StartUpload again")
+            self._check_header_length(upload, first)
             received = self._append(upload, first, frames)
             if received < upload.size:
                 return "", received
             return self._finalize(upload), received
+        finally:
+            lock.release()
+
+    def _check_header_length(self, upload: Upload, first: tuple[str, int, bytes]) -> None:
+        """An update whose first 8 bytes announce a header over limits.header_bytes is refused (and discarded: its
+        signed bytes can never be accepted) before any more of it is received."""
+        _, offset, data = first
+        if offset != 0 or len(data) < 8:
+            return
+        try:
+            adapters.header_length(data[:8], upload.size, self.limits.header_bytes)
+        except AdapterError as exc:
+            self._discard(upload.upload_id)
+            raise _refusal(exc) from exc
 
     def _append(self, upload: Upload, first: tuple[str, int, bytes], frames: Iterator[tuple[str, int, bytes]]) -> int:
         upload_id, size = upload.upload_id, upload.size
@@ -216,6 +250,9 @@ class Intake:
             digest = self._stream_digests.pop(upload.upload_id, None) or file_sha256(part)
             if digest != manifest.sha256:
                 raise Refused("INVALID_ARGUMENT", "digest mismatch: the bytes are not the ones the manifest signed")
+            site = self.state.client(upload.client)
+            if site is None or site.revoked:  # revoked while the stream was open
+                raise Refused("PERMISSION_DENIED", f"client {upload.client!r} has been revoked")
             run = self._check_round(manifest)
             self._check_tensors(part, run)
         except Refused:
@@ -223,17 +260,20 @@ class Intake:
             raise
         self.blobs.adopt(part, digest)
         self.state.accept_update(upload.upload_id, digest)
+        self._forget(upload.upload_id)
         log.info("update accepted client=%s round=%d digest=%s", manifest.client, manifest.round, digest[:12])
         self.on_accepted()
         return digest
 
     def _check_tensors(self, part: Path, run: Run) -> None:
         try:
-            full = adapters.read_file_schema(part)
+            full = adapters.read_file_schema(part, self.limits.header_bytes, self.limits.tensors_per_update)
             schema = {k: v for k, v in full.items() if not k.startswith(AUX_PREFIX)}
             aux = {k[len(AUX_PREFIX):]: v for k, v in full.items() if k.startswith(AUX_PREFIX)}
             if run.schema_json is None and aux:
                 raise AdapterError(f"the initial adapter must not carry {AUX_PREFIX} tensors")
+            if run.schema_json is None and not schema:  # global 0 would fix an empty schema for the whole run
+                raise AdapterError("the initial adapter holds no tensor")
             if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
                 algorithm = run.task.algorithm
                 expected_schema = adapters.schema_from_json(run.schema_json)
@@ -260,11 +300,41 @@ class Intake:
             for name, tensor in adapters.iter_file_tensors(part):
                 adapters.check_finite({name: tensor})
         except AdapterError as exc:
-            raise Refused("INVALID_ARGUMENT", f"update refused: {exc}") from exc
+            raise _refusal(exc) from exc
+
+    def reclaim(self) -> int:
+        """Discard the unfinished uploads that can never be accepted (of another run, or a round no longer open)
+        or are older than limits.partial_upload_retention; one that a stream is sending now is left to it.
+        Returns how many were discarded."""
+        run = self.state.current_run()
+        oldest = self.state.now() - self.limits.partial_upload_retention
+        open_round = (run.run_id, 0 if run.state is RunState.INIT else run.round) if run and run.state.active else None
+        reclaimed = 0
+        for upload in self.state.all_uploads():
+            if (upload.run_id, upload.round) == open_round and upload.created_at >= oldest:
+                continue
+            lock = self._lock_for(upload.upload_id)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                self._discard(upload.upload_id)
+            finally:
+                lock.release()
+            reclaimed += 1
+        if reclaimed:
+            log.info("reclaimed %d unfinished uploads of closed rounds or past their retention", reclaimed)
+        return reclaimed
 
     def _discard(self, upload_id: str) -> None:
         self.part_path(upload_id).unlink(missing_ok=True)
         self.state.discard_upload(upload_id)
+        self._forget(upload_id)
+
+    def _forget(self, upload_id: str) -> None:
+        """Drop what this process keeps for an upload that is gone (its lock is held by the caller)."""
+        self._stream_digests.pop(upload_id, None)
+        with self._locks_guard:
+            self._locks.pop(upload_id, None)
 
     def part_path(self, upload_id: str) -> Path:
         """Where the bytes of a partial upload are kept until it is accepted or discarded."""
@@ -273,6 +343,13 @@ class Intake:
     def _lock_for(self, upload_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(upload_id, threading.Lock())
+
+
+def _refusal(exc: AdapterError) -> Refused:
+    """The gRPC refusal of an update whose bytes were refused: a limit (named by its key) or malformed bytes."""
+    if isinstance(exc, LimitExceeded):
+        return Refused("RESOURCE_EXHAUSTED", f"update refused: {exc} (limits.{exc.limit})")
+    return Refused("INVALID_ARGUMENT", f"update refused: {exc}")
 
 
 def _check_same_names(actual: adapters.Schema, peer: adapters.Schema) -> None:

@@ -68,9 +68,9 @@ class Coordinator:
         self.server_key = pki.load_key_pem(fed.server_key.read_bytes())
         self.telemetry = Telemetry(self.state)
         self.driver = RoundDriver(self.state, self.blobs, self.config, self.federation_id, self.server_key,
-                                  on_published=self.telemetry.round_published)
+                                  on_published=self._round_published)
         self.intake = Intake(self.state, self.blobs, fed.uploads, self.federation_id,
-                             self.config.run.max_update_bytes, self.driver.wake)
+                             self.config.run.max_update_bytes, self.driver.wake, self.config.limits)
         self.enroller = Enroller(self.state, pki.load_key_pem(fed.ca_key.read_bytes()), self.ca_cert,
                                  self.federation_id)
         self.listen, self.enroll_listen, self.metrics_listen = listen, enroll_listen, metrics_listen
@@ -79,10 +79,15 @@ class Coordinator:
         self._servers: list[grpc.Server] = []
         self._driver_thread: threading.Thread | None = None
 
+    def _round_published(self, aggregation_seconds: float, round_seconds: float) -> None:
+        self.telemetry.round_published(aggregation_seconds, round_seconds)
+        self.intake.reclaim()  # the closed round's unfinished uploads can never be accepted now
+
     def start(self) -> Bound:
         check_serve_config(self.fed, self.state)  # an edited federation.toml is never silently ignored
         self.driver.ensure_run()
         self.driver.tick()
+        self.intake.reclaim()
         interceptors = [self.telemetry.interceptor()]
         main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
                            interceptors=interceptors)

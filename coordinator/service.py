@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 
 import grpc
 from cryptography import x509
-from google.protobuf import json_format
 
 from fedvlm.security import pki
 from fedvlm.wire.chunks import iter_file_chunks
 from fedvlm.wire.v1 import (
-    admin_pb2,
     admin_pb2_grpc,
     common_pb2,
     enrollment_pb2,
@@ -29,7 +28,8 @@ from .intake import Intake
 from .layout import FederationDir
 from .runs import find_run
 from .state import Activity, AssignmentState, MetricsKind, RoundPhase, RunState, State
-from .status import snapshot
+from .status import snapshot, status_message
+from .streams import UploadStreams
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         self.blobs = blobs
         self.intake = intake
         self.config = config
+        self.streams = UploadStreams(config.limits.streams_per_site, config.limits.stream_idle_timeout)
         self.federation_id = federation_id
         self.signer_cert_pem = signer_cert_pem
 
@@ -160,8 +161,9 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     def Upload(self, request_iterator, context):
         try:
             name, _ = self._client(context)
-            frames = ((f.upload_id, f.offset, f.data) for f in request_iterator)
-            digest, received = self.intake.receive(name, frames)
+            with self.streams.open(name):
+                frames = ((f.upload_id, f.offset, f.data) for f in self.streams.frames(request_iterator))
+                digest, received = self.intake.receive(name, frames)
         except Refused as refused:
             _abort(context, refused)
         return Pb.UploadResult(digest=digest, bytes_received=received)
@@ -174,10 +176,30 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             raise Refused("FAILED_PRECONDITION", "metrics for a run that is not the current one")
         if request.kind not in REPORTED_KINDS:
             raise Refused("INVALID_ARGUMENT", "metrics kind must be 'eval' or 'train'")
-        metrics = {k: float(v) for k, v in request.metrics.items()}
+        metrics = self._checked_metrics(request, run)
         self.state.record_metrics(run.run_id, request.round, name, REPORTED_KINDS[request.kind],
                                   request.global_digest, metrics)
         return Pb.MetricsAck()
+
+    def _checked_metrics(self, request, run) -> dict[str, float]:
+        """A report's metrics, if it is for a round of the run so far, within limits.metric_keys and
+        limits.metric_key_bytes, and every value finite (state.db and `rounds --json` hold JSON numbers only)."""
+        limits = self.config.limits
+        if not 0 <= request.round <= run.round:
+            raise Refused("INVALID_ARGUMENT", f"metrics for round {request.round}, but the run is at round {run.round}")
+        if len(request.metrics) > limits.metric_keys:
+            raise Refused("RESOURCE_EXHAUSTED", f"{len(request.metrics)} metric keys exceed limits.metric_keys "
+                                                f"({limits.metric_keys})")
+        metrics = {}
+        for key, value in request.metrics.items():
+            size = len(key.encode("utf-8"))
+            if size > limits.metric_key_bytes:
+                raise Refused("RESOURCE_EXHAUSTED", f"a metric key of {size} bytes exceeds limits.metric_key_bytes "
+                                                    f"({limits.metric_key_bytes})")
+            if not math.isfinite(value):
+                raise Refused("INVALID_ARGUMENT", f"metric {key!r} is {value}: only finite values are taken")
+            metrics[key] = float(value)
+        return metrics
 
     @_guarded
     def ReportFailure(self, request, context):
@@ -206,7 +228,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             run = find_run(self.state, request.run)
             if run is None:
                 raise Refused("NOT_FOUND", f"no run {request.run!r} (see `fedvlm-coord run list`)")
-        return json_format.ParseDict(snapshot(self.state, True, self.fed, run), admin_pb2.FederationStatus())
+        return status_message(snapshot(self.state, True, self.fed, run))
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):

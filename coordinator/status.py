@@ -7,6 +7,7 @@ prints, the Admin RPC serves and the dashboard and Prometheus read, whether the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from google.protobuf import json_format
@@ -96,8 +97,23 @@ def snapshot(state: State, live: bool, fed: FederationDir | None = None, run: Ru
 def document(status: dict[str, Any] | admin_pb2.FederationStatus) -> dict[str, Any]:
     """The FederationStatus document: every field present, integers as integers, the same from either source."""
     if isinstance(status, dict):
-        status = json_format.ParseDict(status, admin_pb2.FederationStatus())
+        status = status_message(status)
     return message_to_plain(status)
+
+
+def status_message(status: dict[str, Any]) -> admin_pb2.FederationStatus:
+    """`snapshot`'s dict as the FederationStatus message. A non-finite metric (an infinite DP epsilon, or a value an
+    older fedvlm stored) is passed in the spelling protobuf's JSON mapping takes for it ("NaN", "Infinity")."""
+    def spelled(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        if isinstance(value, dict):
+            return {k: spelled(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [spelled(v) for v in value]
+        return value
+
+    return json_format.ParseDict(spelled(status), admin_pb2.FederationStatus())
 
 
 def local_document(state: State, fed: FederationDir | None = None, run: Run | None = None,

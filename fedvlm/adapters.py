@@ -25,6 +25,8 @@ from fedvlm.atomic import write_bytes_atomic
 
 __all__ = [
     "AdapterError",
+    "LimitExceeded",
+    "header_length",
     "Schema",
     "MAX_HEADER_BYTES",
     "to_bytes",
@@ -85,6 +87,15 @@ class AdapterError(ValueError):
     """Adapter bytes or tensors are malformed, do not match the expected schema, or hold non-finite values."""
 
 
+class LimitExceeded(AdapterError):
+    """A header is larger, or holds more tensors, than the caller allows; `limit` is "header_bytes" or
+    "tensors_per_update"."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 # ----------------------------------------------------------------------------------------------- bytes
 
 
@@ -136,8 +147,13 @@ def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise AdapterError(f"malformed safetensors data: {exc}") from exc
 
 
-def _parse_header(header: bytes, data_len: int) -> tuple[Schema, dict[str, str]]:
+def _parse_header(header: bytes, data_len: int, max_tensors: int | None = None) -> tuple[Schema, dict[str, str]]:
     """Validate a safetensors JSON header against a payload of ``data_len`` bytes; return schema, metadata."""
+    # Every entry holds the key "data_offsets" (a tensor name or metadata string can only hold it escaped, but a
+    # tensor named data_offsets counts twice): counting it bounds the entries before json builds any object.
+    if max_tensors is not None and header.count(b'"data_offsets"') > max_tensors:
+        raise LimitExceeded("tensors_per_update",
+                            f"safetensors header holds more than the limit of {max_tensors} tensors")
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         obj = dict(pairs)
@@ -151,6 +167,8 @@ def _parse_header(header: bytes, data_len: int) -> tuple[Schema, dict[str, str]]
         if isinstance(exc, AdapterError):
             raise
         raise AdapterError(f"safetensors header is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterError("safetensors header is nested too deeply") from None
     if not isinstance(obj, dict):
         raise AdapterError("safetensors header must be a JSON object")
     meta = obj.pop("__metadata__", None)
@@ -165,7 +183,7 @@ def _parse_header(header: bytes, data_len: int) -> tuple[Schema, dict[str, str]]
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise AdapterError(f"{name}: header entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ITEM_SIZE:
+        if not isinstance(dtype, str) or dtype not in _ITEM_SIZE:
             raise AdapterError(f"{name}: unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -197,12 +215,15 @@ def _parse_header(header: bytes, data_len: int) -> tuple[Schema, dict[str, str]]
     return schema, meta
 
 
-def _header_length(prefix: bytes, total_len: int) -> int:
+def header_length(prefix: bytes, total_len: int, max_header_bytes: int = MAX_HEADER_BYTES) -> int:
+    """The header length that the first 8 bytes of safetensors data announce, checked against the size of the data
+    (`total_len` bytes) and `max_header_bytes` (:class:`LimitExceeded`), before any header byte is read."""
     if len(prefix) < 8:
         raise AdapterError("not safetensors data: shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", prefix[:8])
-    if n > MAX_HEADER_BYTES:
-        raise AdapterError(f"safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if n > max_header_bytes:
+        raise LimitExceeded("header_bytes",
+                            f"safetensors header of {n} bytes exceeds the limit of {max_header_bytes} bytes")
     if 8 + n > total_len:
         raise AdapterError(f"safetensors header length {n} exceeds the data ({total_len} bytes): truncated?")
     return n
@@ -219,7 +240,7 @@ def read_schema(data: bytes) -> Schema:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise AdapterError("adapter data must be bytes")
     view = memoryview(data)
-    n = _header_length(bytes(view[:8]), len(view))
+    n = header_length(bytes(view[:8]), len(view))
     return _parse_header(bytes(view[8 : 8 + n]), len(view) - 8 - n)[0]
 
 
@@ -227,13 +248,15 @@ def metadata_of(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes (``{}`` if absent), after validating the header as
     :func:`read_schema` does."""
     view = memoryview(data)
-    n = _header_length(bytes(view[:8]), len(view))
+    n = header_length(bytes(view[:8]), len(view))
     return _parse_header(bytes(view[8 : 8 + n]), len(view) - 8 - n)[1]
 
 
-def read_file_schema(path: Path) -> Schema:
-    """:func:`read_schema` for a file, reading only its header (same guarantees, same errors)."""
-    return _read_file_header(path)[0]
+def read_file_schema(path: Path, max_header_bytes: int = MAX_HEADER_BYTES, max_tensors: int | None = None) -> Schema:
+    """:func:`read_schema` for a file, reading only its header (same guarantees, same errors). A header over
+    `max_header_bytes`, or with more than `max_tensors` entries, raises :class:`LimitExceeded` before it is read or
+    parsed, so memory stays O(`max_header_bytes`)."""
+    return _read_file_header(path, max_header_bytes, max_tensors)[0]
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -242,18 +265,19 @@ def read_metadata(path: Path) -> dict[str, str]:
     return _read_file_header(path)[1]
 
 
-def _read_file_header(path: Path) -> tuple[Schema, dict[str, str]]:
+def _read_file_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES,
+                      max_tensors: int | None = None) -> tuple[Schema, dict[str, str]]:
     path = Path(path)
     try:
         with path.open("rb") as f:
             total = os.fstat(f.fileno()).st_size
-            n = _header_length(f.read(8), total)
+            n = header_length(f.read(8), total, max_header_bytes)
             header = f.read(n)
     except OSError as exc:
         raise AdapterError(f"cannot read {path}: {exc}") from exc
     if len(header) != n:
         raise AdapterError(f"{path}: file shrank while reading its header")
-    return _parse_header(header, total - 8 - n)
+    return _parse_header(header, total - 8 - n, max_tensors)
 
 
 # ----------------------------------------------------------------------------------------------- tensors

@@ -516,6 +516,10 @@ class State:
         """The partial uploads of a round."""
         return [_upload(r) for r in self._all("SELECT * FROM uploads WHERE run_id=? AND round=?", (run_id, number))]
 
+    def all_uploads(self) -> list[Upload]:
+        """Every partial upload, oldest first."""
+        return [_upload(r) for r in self._all("SELECT * FROM uploads ORDER BY created_at")]
+
     def announce_upload(self, upload_id: str, manifest: UpdateManifest, manifest_json: str,
                         signature: bytes) -> Upload:
         """A partial upload for a checked, signed manifest, with nothing received yet."""

@@ -39,6 +39,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _MAX_JSON_CHARS = 1 << 20
 _MAX_SIGNATURE_BYTES = 256
+MAX_INT = 2**63 - 1  # integers must fit SQLite's INTEGER and protobuf's int64
 
 
 class SignatureError(ValueError):
@@ -94,16 +95,16 @@ def _check_str(
 def _check_int(cls: str, name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{cls}.{name} must be an integer, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{cls}.{name} must be >= 0, got {value}")
+    if not 0 <= value <= MAX_INT:
+        raise ValueError(f"{cls}.{name} must be between 0 and {MAX_INT}, got {value}")
 
 
 def _normalise_float(record: object, cls: str, name: str) -> None:
     value = getattr(record, name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{cls}.{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{cls}.{name} must be finite")
+    if isinstance(value, int) and abs(value) > MAX_INT or not math.isfinite(value):
+        raise ValueError(f"{cls}.{name} must be finite unix seconds")
     # Always a float, so the canonical bytes are the same whether the signer passed 5 or 5.0.
     object.__setattr__(record, name, float(value))
 
@@ -141,6 +142,8 @@ class _Record:
             obj = json.loads(text, parse_constant=_reject_constant)
         except ValueError as exc:
             raise ValueError(f"{name} is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise ValueError(f"{name} JSON is nested too deeply") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{name} JSON must be an object")
         expected = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
