@@ -128,7 +128,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.set_yscale("log")
-    ax.set_title("Round overhead: wall minus slowest training (3 sites, tiny LLaVA, loopback mTLS)")
+    ax.set_title("Round overhead = wall - slowest training (3 sites, tiny LLaVA, mTLS)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
