@@ -189,6 +189,8 @@ def main() -> None:
 
         def on_answer(site: Site, sent: float, future) -> None:
             seconds = time.perf_counter() - sent
+            if stop.is_set():  # calls still in flight when the run ended fail with the daemon: not counted
+                return
             try:
                 task = future.result()
             except Exception as exc:  # noqa: BLE001
