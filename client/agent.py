@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED}
 MAX_BACKOFF = 30.0
+LONG_POLL_S = 30.0  # how long a waiting site asks the coordinator to hold its Poll (the coordinator caps it)
 
 
 class FatalError(Exception):
@@ -65,11 +67,12 @@ class Activity:
             self.state, self.detail, self.bytes_done, self.bytes_total = state, detail, done, total
             self.step, self.steps_total = step, steps_total
 
-    def request(self) -> pb.PollRequest:
+    def request(self, wait_s: float = 0.0) -> pb.PollRequest:
+        """A heartbeat (``wait_s`` 0) or, waiting for work, a long-poll held up to ``wait_s`` seconds."""
         with self.lock:
             return pb.PollRequest(state=self.state, detail=self.detail, bytes_done=self.bytes_done,
                                   bytes_total=self.bytes_total, run_id=self.run_id, round=self.round,
-                                  step=self.step, steps_total=self.steps_total)
+                                  step=self.step, steps_total=self.steps_total, wait_s=wait_s)
 
 
 class ProgressLog:
@@ -90,6 +93,11 @@ class ProgressLog:
         elapsed = now - self.started
         left = f", about {elapsed / step * (total - step):.0f}s left" if 0 < step < total else ""
         log.info("%s: step %d/%d (%d%%), %.0fs%s", self.what, step, total, 100 * step // max(total, 1), elapsed, left)
+
+
+def _jittered(backoff: float) -> float:
+    """A reconnect delay in [backoff/2, backoff]: sites cut off together do not come back in lockstep."""
+    return backoff * random.uniform(0.5, 1.0)
 
 
 class Agent:
@@ -116,6 +124,8 @@ class Agent:
         self.activity = Activity()
         self._learner = None
         self._learner_key: tuple[str, int] | None = None
+        self._learner_lock = threading.Lock()  # the model is built once, by a prebuild or by the first action
+        self._prebuilt_for: str | None = None  # the task spec a background build was last started for
         self._poll_interval = 1.0
         self._contacted = False
         self.algorithm_state_dir = state.root / "algorithm"
@@ -158,20 +168,22 @@ class Agent:
                     raise FatalError(f"coordinator refused this site: {exc.details()}") from exc
                 if exc.code() not in RETRYABLE:
                     raise
-                log.warning("coordinator unreachable (%s: %s); retrying in %.0fs", exc.code().name,
-                            exc.details(), backoff)
-                time.sleep(backoff)
+                delay = _jittered(backoff)
+                log.warning("coordinator unreachable (%s: %s); retrying in %.1fs", exc.code().name,
+                            exc.details(), delay)
+                time.sleep(delay)
                 backoff = min(MAX_BACKOFF, backoff * 2)
             except ConnectionError as exc:
-                log.warning("%s; retrying in %.0fs", exc, backoff)
-                time.sleep(backoff)
+                delay = _jittered(backoff)
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                time.sleep(delay)
             except VerificationError as exc:
                 raise FatalError(f"refusing a global that does not verify: {exc}") from exc
 
     def _serve(self, stub: federation_pb2_grpc.FederationStub) -> bool:
         """Poll and act until the run finishes (True) or an RpcError escapes."""
         while True:
-            assignment = stub.Poll(self.activity.request(), timeout=30)
+            assignment = stub.Poll(self.activity.request(wait_s=LONG_POLL_S), timeout=LONG_POLL_S + 30)
             self._contacted = True
             self._poll_interval = assignment.poll_interval_s or 1.0
             self.activity.run_id, self.activity.round = assignment.run_id, assignment.round
@@ -197,7 +209,26 @@ class Agent:
             elif assignment.action == pb.ACTION_EVALUATE:
                 self._with_heartbeat(stub, self._evaluate, stub, assignment)
             else:
-                time.sleep(self._poll_interval)
+                if assignment.task_spec_json:
+                    self._prebuild_learner(assignment.task_spec_json)
+                if not assignment.long_polled:  # an older coordinator, or too many sites waiting: poll again later
+                    time.sleep(self._poll_interval)
+
+    def _prebuild_learner(self, spec_json: str) -> None:
+        """Build the run's model in the background while the site waits for its first assignment, so that the
+        first TRAIN or EVALUATE finds it built. A failure is only logged here: the action that needs the model
+        builds it again and stops on the same error with its message."""
+        if spec_json in (self._prebuilt_for, (self._learner_key or ("",))[0]):
+            return
+        self._prebuilt_for = spec_json
+
+        def build() -> None:
+            try:
+                self.learner(spec_json)
+            except Exception as exc:  # noqa: BLE001 - reported by the action that needs the model
+                log.info("building the model ahead of the first round failed (%s); retrying when needed", exc)
+
+        threading.Thread(target=build, daemon=True, name="model-build").start()
 
     def _with_heartbeat(self, stub, work, *args) -> None:
         """Run `work` while a background thread keeps reporting progress to the coordinator."""
@@ -229,6 +260,10 @@ class Agent:
             raise FatalError(f"--lora-rank {rank} (the task's rank is {spec.lora.r}) needs a run with "
                              "task.algorithm.lora_exact = true: plain averaging of lora_A and lora_B needs equal "
                              "ranks; restart without --lora-rank")
+        with self._learner_lock:  # a prebuild of the same model may be under way (_prebuild_learner)
+            return self._resident_learner(spec, spec_json, rank)
+
+    def _resident_learner(self, spec: TaskSpec, spec_json: str, rank: int):
         if self._learner is None or self._learner_key != (spec_json, rank):
             from fedvlm.learner import Learner
 

@@ -24,7 +24,7 @@ from fedvlm.status_view import change_key, client_table, render, rounds_table, r
 
 from .audit import AuditError, verify_audit
 from .blobs import BlobStore
-from .config import DEFAULT_TOML, FederationConfig
+from .config import DEFAULT_THREADS, DEFAULT_TOML, FederationConfig
 from .dashboard import issue_dashboard_token
 from .enrollment import Enroller, check_site_name
 from .layout import FederationDir
@@ -159,6 +159,9 @@ def serve(dir: Path = DirOpt,
                                                help="Serve the read-only web dashboard on HOST:PORT (HTTPS; the admin "
                                                "certificate or the dashboard token from `init`). Off by default."),
           exit_when_done: bool = typer.Option(False, "--exit-when-done", help="Exit once the run has finished."),
+          threads: int = typer.Option(DEFAULT_THREADS, "--threads", min=4,
+                                      help="Threads serving the federation port; sites' long-polls hold at most half "
+                                      "of them."),
           log_level: str = typer.Option("INFO", "--log-level")) -> None:
     """Run the coordinator daemon (restart-safe: it resumes the run and round it was in)."""
     setup_logging(log_level)
@@ -167,7 +170,8 @@ def serve(dir: Path = DirOpt,
     from .server import Coordinator
 
     try:
-        coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None, dashboard_listen or None)
+        coordinator = Coordinator(fed, listen, enroll_listen, metrics_listen or None, dashboard_listen or None,
+                                  threads)
         coordinator.start()
     except (SpecError, StateError, OSError, ConfigConflict) as exc:
         fail(str(exc))

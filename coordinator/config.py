@@ -110,6 +110,10 @@ class FederationConfig:
         return from_table(cls, raw, "")
 
 
+# Threads serving the federation port (`serve --threads`); sites' long-polls hold at most half of them, so quick
+# calls (heartbeats, uploads) always find a free one.
+DEFAULT_THREADS = 128
+
 DEFAULT_TOML = """\
 # fedvlm federation config. Edit before `fedvlm-coord serve`; the run starts with the values found then.
 name = "{name}"

@@ -37,9 +37,12 @@ class RoundDriver:
 
     def __init__(self, state: State, blobs: BlobStore, config: FederationConfig, federation_id: str,
                  signer_key: EllipticCurvePrivateKey,
-                 on_published: Callable[[float, float], None] | None = None) -> None:
-        """``on_published(aggregation seconds, round seconds)`` is called after each round's global is published."""
+                 on_published: Callable[[float, float], None] | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
+        """``on_published(aggregation seconds, round seconds)`` is called after each round's global is published;
+        ``on_change()`` after every transition (it wakes the sites' long-polls, see `Changes`)."""
         self.on_published = on_published
+        self.on_change = on_change
         self.state = state
         self.blobs = blobs
         self.config = config
@@ -74,6 +77,8 @@ class RoundDriver:
             for _ in range(8):  # a tick may chain several transitions (e.g. aggregate then open the next round)
                 if not self._step():
                     return
+                if self.on_change:
+                    self.on_change()
 
     # -- transitions -------------------------------------------------------------------------------------------
     def _step(self) -> bool:

@@ -33,7 +33,8 @@ from fedvlm.wire.v1 import (
 )
 
 from .blobs import BlobStore
-from .config import FederationConfig
+from .changes import Changes
+from .config import DEFAULT_THREADS, FederationConfig
 from .dashboard import Dashboard
 from .enrollment import Enroller
 from .intake import Intake
@@ -58,8 +59,10 @@ class Coordinator:
     """Everything a running coordinator holds; `start()` binds the ports, `stop()` shuts down cleanly."""
 
     def __init__(self, fed: FederationDir, listen: str, enroll_listen: str, metrics_listen: str | None = None,
-                 dashboard_listen: str | None = None):
+                 dashboard_listen: str | None = None, threads: int = DEFAULT_THREADS):
         self.fed = fed
+        self.threads = threads
+        self.changes = Changes()
         self.config = FederationConfig.load(fed.config)
         self.state = State(fed.database)
         self.federation_id = self.state.federation_id()
@@ -68,7 +71,7 @@ class Coordinator:
         self.server_key = pki.load_key_pem(fed.server_key.read_bytes())
         self.telemetry = Telemetry(self.state)
         self.driver = RoundDriver(self.state, self.blobs, self.config, self.federation_id, self.server_key,
-                                  on_published=self._round_published)
+                                  on_published=self._round_published, on_change=self.changes.notify)
         self.intake = Intake(self.state, self.blobs, fed.uploads, self.federation_id,
                              self.config.run.max_update_bytes, self.driver.wake, self.config.limits)
         self.enroller = Enroller(self.state, pki.load_key_pem(fed.ca_key.read_bytes()), self.ca_cert,
@@ -89,10 +92,10 @@ class Coordinator:
         self.driver.tick()
         self.intake.reclaim()
         interceptors = [self.telemetry.interceptor()]
-        main = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
+        main = grpc.server(futures.ThreadPoolExecutor(max_workers=self.threads), options=SERVER_OPTIONS,
                            interceptors=interceptors)
         federation = FederationService(self.state, self.blobs, self.intake, self.config, self.federation_id,
-                                       self.fed.server_cert.read_bytes())
+                                       self.fed.server_cert.read_bytes(), self.changes, max_waiting=self.threads // 2)
         federation_pb2_grpc.add_FederationServicer_to_server(federation, main)
         secagg_pb2_grpc.add_SecureAggregationServicer_to_server(
             SecureAggregationService(self.state, self.federation_id, federation._client), main)

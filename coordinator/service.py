@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -21,6 +23,7 @@ from fedvlm.wire.v1 import (
 )
 
 from .blobs import BlobStore
+from .changes import Changes
 from .config import FederationConfig
 from .enrollment import Enroller
 from .errors import Refused
@@ -72,7 +75,12 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     """The site-facing service. Identity = the verified certificate's CN, checked against the enrolled one."""
 
     def __init__(self, state: State, blobs: BlobStore, intake: Intake, config: FederationConfig,
-                 federation_id: str, signer_cert_pem: bytes) -> None:
+                 federation_id: str, signer_cert_pem: bytes, changes: Changes | None = None,
+                 max_waiting: int = 0) -> None:
+        """``changes``: what the round driver notifies after each transition; ``max_waiting``: at most this many
+        long-polls held at once (each holds a server thread), the others are answered at once."""
+        self.changes = changes or Changes()
+        self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting > 0 else None
         self.state = state
         self.blobs = blobs
         self.intake = intake
@@ -99,7 +107,35 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         self.state.record_heartbeat(name, ACTIVITIES.get(request.state, Activity.IDLE), request.detail[:200],
                                     request.bytes_done, request.bytes_total, request.run_id[:64],
                                     max(0, request.step), max(0, request.steps_total))
-        return self._assignment_for(name)
+        seen = self.changes.generation()  # before the answer is computed: a change after it is not missed
+        assignment = self._assignment_for(name)
+        if request.wait_s > 0 and assignment.action == Pb.ACTION_WAIT and self._waiting is not None \
+                and self._waiting.acquire(blocking=False):
+            try:
+                return self._wait_for_change(name, context, assignment, seen, request.wait_s)
+            finally:
+                self._waiting.release()
+        return assignment
+
+    def _wait_for_change(self, name: str, context: grpc.ServicerContext, first: federation_pb2.Assignment,
+                         seen: int, wait_s: float) -> federation_pb2.Assignment:
+        """The long-poll: hold `first` (a WAIT) until the site's assignment differs, `wait_s` passes (capped at a
+        third of the heartbeat timeout: the site's next poll keeps it live) or the caller goes away. The driver's
+        transitions wake it at once; changes made by another process (the CLI's `run new`/`stop`, `revoke`, in the
+        database) are seen at the next recheck, every poll_interval, as a polling site saw them before."""
+        run = self.state.current_run()
+        run_config = run.config if run else self.config.run
+        end = time.monotonic() + min(wait_s, run_config.heartbeat_timeout / 3)
+        current = first
+        while current == first and context.is_active():
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            seen = self.changes.wait(seen, min(left, run_config.poll_interval))
+            self._client(context)  # a site revoked meanwhile is refused now, as its next poll would be
+            current = self._assignment_for(name)
+        current.long_polled = True
+        return current
 
     def _assignment_for(self, name: str) -> federation_pb2.Assignment:
         run = self.state.current_run()

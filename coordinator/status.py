@@ -164,6 +164,10 @@ def _rounds(state: State, run_id: str) -> list[dict[str, Any]]:
     for report in state.metrics(run_id, MetricsKind.EVAL):
         evals.setdefault(report.round, []).append(report.metrics)
     server = {report.round: report.metrics for report in state.metrics(run_id, MetricsKind.SERVER)}
+    training: dict[int, list[dict[str, Any]]] = {}  # one report per site and round (a later one replaces it)
+    for report in sorted(state.metrics(run_id, MetricsKind.TRAIN), key=lambda r: r.client):
+        training.setdefault(report.round, []).append({"client": report.client, "steps": int(report.metrics.get(
+            "steps", 0)), "seconds": report.metrics.get("seconds", 0.0)})
     counts = state.update_counts(run_id)
     rows = []
     for g in state.globals(run_id):
@@ -172,5 +176,6 @@ def _rounds(state: State, run_id: str) -> list[dict[str, Any]]:
                      "num_updates": counts.get(g.round, 0) if g.round else 0,
                      "eval_metrics": weighted_metrics(evals.get(g.round, [])),
                      "server_metrics": server.get(g.round, {}),
+                     "training": training.get(g.round, []),
                      "started_unix": rnd.started_at if rnd else g.created_at, "finished_unix": g.created_at})
     return rows

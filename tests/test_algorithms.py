@@ -227,6 +227,45 @@ def test_norm_clipping_bounds_each_update():
     assert result.metrics["clipped_updates"] == 1.0
 
 
+def _reference_mean(base, updates, clip_norm=0.0):
+    """The streaming mean as it was written before the chunked accumulator: one float64 delta per tensor."""
+    acc, total = {}, 0.0
+    for update in updates:
+        tensors, _ = update.load()
+        scale = aggregation._clip_scale(AlgorithmSpec(clip_norm=clip_norm), base, tensors)
+        for name in sorted(tensors):
+            delta = tensors[name].double() - base[name].double()
+            if name in acc:
+                acc[name].add_(delta, alpha=float(update.weight) * scale)
+            else:
+                acc[name] = delta * (float(update.weight) * scale)
+        total += float(update.weight)
+    return {n: v.div_(total) for n, v in acc.items()}
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 5.0])
+def test_streaming_mean_is_bit_identical_to_one_float64_delta_per_tensor(clip_norm):
+    """Random float32 data over many magnitudes (and zeros of both signs), tensors smaller and larger than a chunk,
+    a scalar and an empty one, weights that are not powers of two."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"big": (3, aggregation._Scratch.CHUNK + 123), "small": (7, 5), "scalar": (), "empty": (0, 4)}
+
+    def draw(shape):
+        values = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 6)
+        if values.numel():
+            values.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-38, -3e38])[:values.numel()]
+        return values
+
+    base = {n: draw(s) for n, s in shapes.items()}
+    ups = updates_of(*[(w, {n: draw(s) for n, s in shapes.items()}) for w in (3, 17, 1, 250, 9)])
+    got, _, _ = aggregation.combine(AlgorithmSpec(clip_norm=clip_norm), base, ups, {}, 1)
+    want = _reference_mean(base, ups, clip_norm)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == torch.float64 and got[name].shape == want[name].shape
+        assert torch.equal(got[name].view(torch.int64), want[name].view(torch.int64)), name  # bit for bit
+
+
 # -- central DP ----------------------------------------------------------------------------------------------
 def test_central_dp_noise_is_calibrated_reproducible_and_accounted():
     spec = AlgorithmSpec(clip_norm=1.0, dp_noise_multiplier=2.0, dp_delta=1e-5)

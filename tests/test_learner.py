@@ -149,3 +149,28 @@ def test_batch_schedule_covers_each_epoch_and_honours_caps():
     assert sorted(sum(schedule[:3], [])) == list(range(10))
     assert len(batch_schedule(10, 4, 0.5, 0, gen)) == 2
     assert len(batch_schedule(10, 4, 5.0, 3, gen)) == 3
+
+
+def test_a_waiting_agent_builds_the_runs_model_once_in_the_background(fedvlm_cache, digits, tmp_path, caplog):
+    """`Agent._prebuild_learner` (a WAIT that carries the task spec) starts the build in a thread; the first action's
+    `learner()` waits for that build instead of starting another, and a second WAIT starts nothing."""
+    import logging
+    import threading
+
+    from fedvlm.client.agent import Agent
+    from fedvlm.client.identity import StateDir
+
+    from .harness import wait_for
+
+    caplog.set_level(logging.INFO, logger="fedvlm.client.agent")
+    agent = Agent("127.0.0.1:1", identity=None, state=StateDir(tmp_path / "site"), data_dir=digits / "site_0")
+    spec_json = TaskSpec(model="tiny-llava").to_json()
+    agent._prebuild_learner(spec_json)
+    agent._prebuild_learner(spec_json)
+    assert [t.name for t in threading.enumerate()].count("model-build") <= 1
+    wait_for(lambda: "building model tiny-llava" in caplog.text, 60, "the background build")  # before any action
+    learner = agent.learner(spec_json)
+    assert agent.learner(spec_json) is learner
+    assert caplog.text.count("building model tiny-llava") == 1
+    agent._prebuild_learner(spec_json)  # the model for this spec is resident: nothing to build
+    assert "model-build" not in [t.name for t in threading.enumerate()]

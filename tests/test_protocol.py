@@ -257,6 +257,52 @@ def test_partial_updates_average_their_tensors_and_carry_the_rest(fed):
     assert torch.equal(merged["layer.lora_B.weight"], base["layer.lora_B.weight"])
 
 
+def test_a_waiting_sites_long_poll_is_answered_by_its_change_and_refused_once_it_is_revoked(tmp_path):
+    """PollRequest.wait_s: b's poll is held while the run waits for a's initial adapter and answered when that
+    changes (b polls again at once, at most a few times, until round 1 is open with its TRAIN); a heartbeat
+    (wait_s 0) is answered at once; c, never sampled, is refused in the middle of its long-poll when it is revoked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    coord = Coordinator(tmp_path / "coord", CONFIG)
+    coord.start()
+    sites = {name: RawSite(coord, name, tmp_path) for name in ("a", "b", "c")}
+    pool = ThreadPoolExecutor(2)
+
+    def long_poll(name):
+        return sites[name].stub.Poll(pb.PollRequest(state=pb.CLIENT_STATE_IDLE, wait_s=60), timeout=90)
+
+    def last_seen(name):
+        return coord.query("SELECT last_seen FROM clients WHERE name=?", (name,))[0]["last_seen"]
+
+    def polled(name, before=None):  # its heartbeat is recorded before the call waits
+        return lambda: last_seen(name) not in (None, before)
+
+    try:
+        first = sites["a"].poll()
+        assert first.action == pb.ACTION_INIT, first
+        heartbeat = sites["b"].poll()
+        assert heartbeat.action == pb.ACTION_WAIT and not heartbeat.long_polled
+        before = last_seen("b")
+        held = pool.submit(long_poll, "b")
+        wait_for(polled("b", before), 10, "b's long-poll")
+        data = tensors_bytes(init_tensors(), {adapters.ADAPTER_CONFIG_METADATA: json.dumps({"peft_type": "LORA"})})
+        sites["a"].send(sites["a"].manifest(first, data), data)
+        answers = [held.result(timeout=60)]
+        while answers[-1].action == pb.ACTION_WAIT and len(answers) < 4:  # e.g. "round 1: not sampled" (yet)
+            answers.append(long_poll("b"))
+        assert (answers[-1].action, answers[-1].round) == (pb.ACTION_TRAIN, 1)
+        assert all(answer.long_polled for answer in answers)
+        waiting = pool.submit(long_poll, "c")
+        wait_for(polled("c"), 10, "c's poll")
+        coord_cli("revoke", "c", "--dir", str(coord.fed.root))
+        assert rpc_code(lambda: waiting.result(timeout=60)) == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for site in sites.values():
+            site.close()
+        coord.kill()
+
+
 def test_exact_lora_takes_updates_of_other_ranks(tmp_path):
     """task.algorithm.lora_exact: a rank-2 and a rank-4 update for a rank-4 global are both accepted and the new
     global is the rank-4 re-factorisation of the weighted mean of their products; a pair whose in/out dimension

@@ -151,6 +151,21 @@ def test_sites_training_seconds_and_steps_come_from_their_latest_train_report(tm
     assert "12.5s, 40 steps (round 1)" in _text(view(doc))
 
 
+def test_each_rounds_row_lists_every_sites_training_seconds_and_steps_of_that_round(tmp_path):
+    coord = InProcessCoordinator(tmp_path, ONE_ROUND)
+    coord.open_round_one()
+    run = coord.run
+    for seconds, name in ((3.0, "c"), (1.5, "a"), (2.0, "b")):
+        coord.state.record_metrics(run.run_id, 1, name, MetricsKind.TRAIN, "", {"seconds": seconds, "steps": 7.0})
+    coord.state.record_metrics(run.run_id, 1, "a", MetricsKind.TRAIN, "", {"seconds": 4.0, "steps": 9.0})  # retrained
+    finish_round(coord)
+    rows = {r["round"]: r for r in status(coord)["rounds"]}
+    assert rows[0]["training"] == []
+    assert rows[1]["training"] == [{"client": "a", "seconds": 4.0, "steps": 9},
+                                   {"client": "b", "seconds": 2.0, "steps": 7},
+                                   {"client": "c", "seconds": 3.0, "steps": 7}]
+
+
 def _text(renderable) -> str:
     from rich.console import Console
 

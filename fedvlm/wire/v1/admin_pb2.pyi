@@ -78,7 +78,7 @@ class RunSummary(_message.Message):
     def __init__(self, number: _Optional[int] = ..., run_id: _Optional[str] = ..., state: _Optional[str] = ..., rounds_done: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., algorithm: _Optional[str] = ..., created_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., stop_reason: _Optional[str] = ..., config_source: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "phase", "global_digest", "num_updates", "eval_metrics", "started_unix", "finished_unix", "server_metrics")
+    __slots__ = ("round", "phase", "global_digest", "num_updates", "eval_metrics", "started_unix", "finished_unix", "server_metrics", "training")
     class EvalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class RoundStatus(_message.Message):
     STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
     FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
     SERVER_METRICS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: str
     global_digest: str
@@ -109,7 +110,18 @@ class RoundStatus(_message.Message):
     started_unix: float
     finished_unix: float
     server_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., server_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    training: _containers.RepeatedCompositeFieldContainer[SiteTraining]
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., server_metrics: _Optional[_Mapping[str, float]] = ..., training: _Optional[_Iterable[_Union[SiteTraining, _Mapping]]] = ...) -> None: ...
+
+class SiteTraining(_message.Message):
+    __slots__ = ("client", "seconds", "steps")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    seconds: float
+    steps: int
+    def __init__(self, client: _Optional[str] = ..., seconds: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class FederationStatus(_message.Message):
     __slots__ = ("federation_id", "run_id", "run_state", "round", "total_rounds", "phase", "deadline_unix", "quorum", "sampled", "accepted", "clients", "rounds", "now_unix", "live", "run_number", "stop_reason", "config_notice", "runs", "secure_aggregation")

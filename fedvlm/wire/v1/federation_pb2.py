@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedvlm.wire.v1 import common_pb2 as fedvlm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64vlm/v1/federation.proto\x12\tfedvlm.v1\x1a\x16\x66\x65\x64vlm/v1/common.proto\"\xaf\x01\n\x0bPollRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fedvlm.v1.ClientState\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x0c\n\x04step\x18\x07 \x01(\x05\x12\x13\n\x0bsteps_total\x18\x08 \x01(\x05\"k\n\nGlobalInfo\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x13\n\x0brecord_json\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x17\n\x0fsigner_cert_pem\x18\x05 \x01(\x0c\"\x83\x02\n\nAssignment\x12!\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x11.fedvlm.v1.Action\x12\x15\n\rfederation_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x16\n\x0etask_spec_json\x18\x05 \x01(\t\x12-\n\x0eglobal_version\x18\x06 \x01(\x0b\x32\x15.fedvlm.v1.GlobalInfo\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x17\n\x0fpoll_interval_s\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\x14\n\x0ctotal_rounds\x18\n \x01(\x05\"4\n\x12\x46\x65tchGlobalRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\">\n\x12StartUploadRequest\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\">\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\">\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x0cUploadResult\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\"\xbb\x01\n\rMetricsReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rglobal_digest\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedvlm.v1.MetricsReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0c\n\nMetricsAck\">\n\rFailureReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nFailureAck*\xea\x01\n\x0b\x43lientState\x12\x1c\n\x18\x43LIENT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LIENT_STATE_IDLE\x10\x01\x12\x1c\n\x18\x43LIENT_STATE_DOWNLOADING\x10\x02\x12\x19\n\x15\x43LIENT_STATE_TRAINING\x10\x03\x12\x1a\n\x16\x43LIENT_STATE_UPLOADING\x10\x04\x12\x15\n\x11\x43LIENT_STATE_DONE\x10\x05\x12\x1b\n\x17\x43LIENT_STATE_EVALUATING\x10\x06\x12\x1d\n\x19\x43LIENT_STATE_INITIALIZING\x10\x07*~\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x01\x12\x0f\n\x0b\x41\x43TION_INIT\x10\x02\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x03\x12\x13\n\x0f\x41\x43TION_EVALUATE\x10\x04\x12\x13\n\x0f\x41\x43TION_FINISHED\x10\x05\x32\x8c\x03\n\nFederation\x12\x35\n\x04Poll\x12\x16.fedvlm.v1.PollRequest\x1a\x15.fedvlm.v1.Assignment\x12@\n\x0b\x46\x65tchGlobal\x12\x1d.fedvlm.v1.FetchGlobalRequest\x1a\x10.fedvlm.v1.Chunk0\x01\x12\x44\n\x0bStartUpload\x12\x1d.fedvlm.v1.StartUploadRequest\x1a\x16.fedvlm.v1.UploadState\x12;\n\x06Upload\x12\x16.fedvlm.v1.UploadChunk\x1a\x17.fedvlm.v1.UploadResult(\x01\x12@\n\rReportMetrics\x12\x18.fedvlm.v1.MetricsReport\x1a\x15.fedvlm.v1.MetricsAck\x12@\n\rReportFailure\x12\x18.fedvlm.v1.FailureReport\x1a\x15.fedvlm.v1.FailureAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64vlm/v1/federation.proto\x12\tfedvlm.v1\x1a\x16\x66\x65\x64vlm/v1/common.proto\"\xbf\x01\n\x0bPollRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fedvlm.v1.ClientState\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x0c\n\x04step\x18\x07 \x01(\x05\x12\x13\n\x0bsteps_total\x18\x08 \x01(\x05\x12\x0e\n\x06wait_s\x18\t \x01(\x01\"k\n\nGlobalInfo\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x13\n\x0brecord_json\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x17\n\x0fsigner_cert_pem\x18\x05 \x01(\x0c\"\x98\x02\n\nAssignment\x12!\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x11.fedvlm.v1.Action\x12\x15\n\rfederation_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x16\n\x0etask_spec_json\x18\x05 \x01(\t\x12-\n\x0eglobal_version\x18\x06 \x01(\x0b\x32\x15.fedvlm.v1.GlobalInfo\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x17\n\x0fpoll_interval_s\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\x14\n\x0ctotal_rounds\x18\n \x01(\x05\x12\x13\n\x0blong_polled\x18\x0b \x01(\x08\"4\n\x12\x46\x65tchGlobalRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\">\n\x12StartUploadRequest\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\">\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\">\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x0cUploadResult\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\"\xbb\x01\n\rMetricsReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rglobal_digest\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedvlm.v1.MetricsReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0c\n\nMetricsAck\">\n\rFailureReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nFailureAck*\xea\x01\n\x0b\x43lientState\x12\x1c\n\x18\x43LIENT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LIENT_STATE_IDLE\x10\x01\x12\x1c\n\x18\x43LIENT_STATE_DOWNLOADING\x10\x02\x12\x19\n\x15\x43LIENT_STATE_TRAINING\x10\x03\x12\x1a\n\x16\x43LIENT_STATE_UPLOADING\x10\x04\x12\x15\n\x11\x43LIENT_STATE_DONE\x10\x05\x12\x1b\n\x17\x43LIENT_STATE_EVALUATING\x10\x06\x12\x1d\n\x19\x43LIENT_STATE_INITIALIZING\x10\x07*~\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x01\x12\x0f\n\x0b\x41\x43TION_INIT\x10\x02\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x03\x12\x13\n\x0f\x41\x43TION_EVALUATE\x10\x04\x12\x13\n\x0f\x41\x43TION_FINISHED\x10\x05\x32\x8c\x03\n\nFederation\x12\x35\n\x04Poll\x12\x16.fedvlm.v1.PollRequest\x1a\x15.fedvlm.v1.Assignment\x12@\n\x0b\x46\x65tchGlobal\x12\x1d.fedvlm.v1.FetchGlobalRequest\x1a\x10.fedvlm.v1.Chunk0\x01\x12\x44\n\x0bStartUpload\x12\x1d.fedvlm.v1.StartUploadRequest\x1a\x16.fedvlm.v1.UploadState\x12;\n\x06Upload\x12\x16.fedvlm.v1.UploadChunk\x1a\x17.fedvlm.v1.UploadResult(\x01\x12@\n\rReportMetrics\x12\x18.fedvlm.v1.MetricsReport\x1a\x15.fedvlm.v1.MetricsAck\x12@\n\rReportFailure\x12\x18.fedvlm.v1.FailureReport\x1a\x15.fedvlm.v1.FailureAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METRICSREPORT_METRICSENTRY']._loaded_options = None
   _globals['_METRICSREPORT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_CLIENTSTATE']._serialized_start=1199
-  _globals['_CLIENTSTATE']._serialized_end=1433
-  _globals['_ACTION']._serialized_start=1435
-  _globals['_ACTION']._serialized_end=1561
+  _globals['_CLIENTSTATE']._serialized_start=1236
+  _globals['_CLIENTSTATE']._serialized_end=1470
+  _globals['_ACTION']._serialized_start=1472
+  _globals['_ACTION']._serialized_end=1598
   _globals['_POLLREQUEST']._serialized_start=66
-  _globals['_POLLREQUEST']._serialized_end=241
-  _globals['_GLOBALINFO']._serialized_start=243
-  _globals['_GLOBALINFO']._serialized_end=350
-  _globals['_ASSIGNMENT']._serialized_start=353
-  _globals['_ASSIGNMENT']._serialized_end=612
-  _globals['_FETCHGLOBALREQUEST']._serialized_start=614
-  _globals['_FETCHGLOBALREQUEST']._serialized_end=666
-  _globals['_STARTUPLOADREQUEST']._serialized_start=668
-  _globals['_STARTUPLOADREQUEST']._serialized_end=730
-  _globals['_UPLOADSTATE']._serialized_start=732
-  _globals['_UPLOADSTATE']._serialized_end=794
-  _globals['_UPLOADCHUNK']._serialized_start=796
-  _globals['_UPLOADCHUNK']._serialized_end=858
-  _globals['_UPLOADRESULT']._serialized_start=860
-  _globals['_UPLOADRESULT']._serialized_end=914
-  _globals['_METRICSREPORT']._serialized_start=917
-  _globals['_METRICSREPORT']._serialized_end=1104
-  _globals['_METRICSREPORT_METRICSENTRY']._serialized_start=1058
-  _globals['_METRICSREPORT_METRICSENTRY']._serialized_end=1104
-  _globals['_METRICSACK']._serialized_start=1106
-  _globals['_METRICSACK']._serialized_end=1118
-  _globals['_FAILUREREPORT']._serialized_start=1120
-  _globals['_FAILUREREPORT']._serialized_end=1182
-  _globals['_FAILUREACK']._serialized_start=1184
-  _globals['_FAILUREACK']._serialized_end=1196
-  _globals['_FEDERATION']._serialized_start=1564
-  _globals['_FEDERATION']._serialized_end=1960
+  _globals['_POLLREQUEST']._serialized_end=257
+  _globals['_GLOBALINFO']._serialized_start=259
+  _globals['_GLOBALINFO']._serialized_end=366
+  _globals['_ASSIGNMENT']._serialized_start=369
+  _globals['_ASSIGNMENT']._serialized_end=649
+  _globals['_FETCHGLOBALREQUEST']._serialized_start=651
+  _globals['_FETCHGLOBALREQUEST']._serialized_end=703
+  _globals['_STARTUPLOADREQUEST']._serialized_start=705
+  _globals['_STARTUPLOADREQUEST']._serialized_end=767
+  _globals['_UPLOADSTATE']._serialized_start=769
+  _globals['_UPLOADSTATE']._serialized_end=831
+  _globals['_UPLOADCHUNK']._serialized_start=833
+  _globals['_UPLOADCHUNK']._serialized_end=895
+  _globals['_UPLOADRESULT']._serialized_start=897
+  _globals['_UPLOADRESULT']._serialized_end=951
+  _globals['_METRICSREPORT']._serialized_start=954
+  _globals['_METRICSREPORT']._serialized_end=1141
+  _globals['_METRICSREPORT_METRICSENTRY']._serialized_start=1095
+  _globals['_METRICSREPORT_METRICSENTRY']._serialized_end=1141
+  _globals['_METRICSACK']._serialized_start=1143
+  _globals['_METRICSACK']._serialized_end=1155
+  _globals['_FAILUREREPORT']._serialized_start=1157
+  _globals['_FAILUREREPORT']._serialized_end=1219
+  _globals['_FAILUREACK']._serialized_start=1221
+  _globals['_FAILUREACK']._serialized_end=1233
+  _globals['_FEDERATION']._serialized_start=1601
+  _globals['_FEDERATION']._serialized_end=1997
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ ACTION_EVALUATE: Action
 ACTION_FINISHED: Action
 
 class PollRequest(_message.Message):
-    __slots__ = ("state", "detail", "bytes_done", "bytes_total", "run_id", "round", "step", "steps_total")
+    __slots__ = ("state", "detail", "bytes_done", "bytes_total", "run_id", "round", "step", "steps_total", "wait_s")
     STATE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class PollRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
     state: ClientState
     detail: str
     bytes_done: int
@@ -60,7 +61,8 @@ class PollRequest(_message.Message):
     round: int
     step: int
     steps_total: int
-    def __init__(self, state: _Optional[_Union[ClientState, str]] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...
+    wait_s: float
+    def __init__(self, state: _Optional[_Union[ClientState, str]] = ..., detail: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., steps_total: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class GlobalInfo(_message.Message):
     __slots__ = ("digest", "size", "record_json", "signature", "signer_cert_pem")
@@ -77,7 +79,7 @@ class GlobalInfo(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., record_json: _Optional[str] = ..., signature: _Optional[bytes] = ..., signer_cert_pem: _Optional[bytes] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("action", "federation_id", "run_id", "round", "task_spec_json", "global_version", "deadline_unix", "poll_interval_s", "message", "total_rounds")
+    __slots__ = ("action", "federation_id", "run_id", "round", "task_spec_json", "global_version", "deadline_unix", "poll_interval_s", "message", "total_rounds", "long_polled")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +90,7 @@ class Assignment(_message.Message):
     POLL_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LONG_POLLED_FIELD_NUMBER: _ClassVar[int]
     action: Action
     federation_id: str
     run_id: str
@@ -98,7 +101,8 @@ class Assignment(_message.Message):
     poll_interval_s: float
     message: str
     total_rounds: int
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., federation_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_spec_json: _Optional[str] = ..., global_version: _Optional[_Union[GlobalInfo, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., poll_interval_s: _Optional[float] = ..., message: _Optional[str] = ..., total_rounds: _Optional[int] = ...) -> None: ...
+    long_polled: bool
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., federation_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_spec_json: _Optional[str] = ..., global_version: _Optional[_Union[GlobalInfo, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., poll_interval_s: _Optional[float] = ..., message: _Optional[str] = ..., total_rounds: _Optional[int] = ..., long_polled: _Optional[bool] = ...) -> None: ...
 
 class FetchGlobalRequest(_message.Message):
     __slots__ = ("digest", "offset")

@@ -1,0 +1,267 @@
+"""Many sites against one coordinator: enrollment, heartbeats during upload bursts, round completion, daemon cost.
+
+A real `fedvlm-coord serve` daemon (tests/harness.py `Coordinator`) on 127.0.0.1 and N raw sites in this process,
+each with its own key, join token, real enrollment (CSR over the enrollment port) and its own mutual-TLS channel.
+Every site sends a heartbeat (a quick Poll, wait_s 0, as the agent's heartbeat thread does) every second; the answer
+is also how it learns its assignment. Run config: every site sampled (`clients_per_round = quorum = N`), `--rounds`
+rounds, no final evaluation. The first site to be told ACTION_INIT uploads the initial adapter (two 4x8 float32
+tensors); in each round every site uploads one small signed update (StartUpload + Upload) as soon as its heartbeat
+says TRAIN, from a pool of `--upload-threads` threads: the upload burst.
+
+Reported: token issue and enrollment rates (sites/s), heartbeat latency p50/p99/max over the whole run and during
+the upload bursts only (round opened -> its last update accepted), each round's completion time (coordinator
+records: round opened -> global published), and the daemon's CPU seconds and peak RSS (/proc). Bounded: `--sites`
+(default 200; `--sites 1000` for the issue's target), `--timeout` seconds in all.
+
+    python bench/many_sites.py [--sites 200] [--rounds 2] [--threads 128] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests/harness.py
+
+CONFIG = """
+name = "bench-many"
+[run]
+rounds = {rounds}
+min_clients = {sites}
+clients_per_round = {sites}
+quorum = {sites}
+round_deadline = "10m"
+poll_interval = "1s"
+heartbeat_timeout = "120s"
+max_update_mb = 1
+final_eval = false
+[task]
+model = "tiny-llava"
+"""
+
+
+class DaemonMeter:
+    """CPU seconds and RSS of the daemon process, sampled every `every` seconds."""
+
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        self.pid, self.every = pid, every
+        self.peak_rss_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.peak_rss_mib = max(self.peak_rss_mib, self.rss_mib())
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Site:
+    """One raw site: identity, channel, stub; the latest assignment its heartbeat got."""
+
+    def __init__(self, index: int, name: str, identity, address: str) -> None:
+        from fedvlm.wire.v1 import federation_pb2_grpc
+
+        self.index, self.name, self.identity = index, name, identity
+        self.channel = identity.channel(address)
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self.latest = None
+        self.uploaded: set[int] = set()
+        self.in_flight = False
+
+    def update_bytes(self, round_: int) -> bytes:
+        import torch
+
+        from fedvlm import adapters
+
+        value = round_ + (self.index + 1) / 4096  # distinct bytes per site and round (a global's contributors are)
+        return adapters.to_bytes({"layer.lora_A.weight": torch.full((4, 8), value),
+                                  "layer.lora_B.weight": torch.full((8, 4), value)})
+
+    def upload(self, task) -> None:
+        from fedvlm import adapters
+        from fedvlm.security import signing
+        from fedvlm.security.signing import UpdateManifest
+        from fedvlm.wire.v1 import federation_pb2 as pb
+
+        data = self.update_bytes(task.round)
+        if task.round == 0:  # the initial adapter names the PEFT config the globals carry
+            data = adapters.to_bytes(adapters.from_bytes(data),
+                                     {adapters.ADAPTER_CONFIG_METADATA: json.dumps({"peft_type": "LORA"})})
+        manifest = UpdateManifest(
+            federation_id=self.identity.federation_id, run_id=task.run_id, round=task.round, client=self.name,
+            base_digest=task.global_version.digest if task.round else signing.INITIAL_BASE,
+            sha256=adapters.sha256_hex(data), size=len(data), num_examples=10, nonce=signing.new_nonce(),
+            created_at=time.time())
+        signature = signing.sign(self.identity.key, manifest.canonical())
+        state = self.stub.StartUpload(pb.StartUploadRequest(manifest_json=manifest.to_json(), signature=signature),
+                                      timeout=60)
+        self.stub.Upload(iter([pb.UploadChunk(upload_id=state.upload_id, offset=state.offset,
+                                              data=data[state.offset:])]), timeout=60)
+        self.uploaded.add(task.round)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=128, help="the daemon's `serve --threads`")
+    parser.add_argument("--upload-threads", type=int, default=32)
+    parser.add_argument("--enroll-threads", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "fedvlm-bench" / "many_sites.json")
+    args = parser.parse_args()
+    if not 1 <= args.sites <= 2000:
+        parser.error("--sites must be in 1..2000")
+    from fedvlm.client.identity import StateDir
+    from fedvlm.wire.v1 import federation_pb2 as pb
+    from tests.harness import Coordinator, coord_cli
+
+    deadline = time.monotonic() + args.timeout
+    work = Path(tempfile.mkdtemp(prefix="fedvlm-many-"))
+    coord = Coordinator(work / "coord", CONFIG.format(rounds=args.rounds, sites=args.sites),
+                        ("--threads", str(args.threads)))
+    coord.start()
+    meter = DaemonMeter(coord.proc.pid)
+    sites: list[Site] = []
+    stop = threading.Event()
+    try:
+        port = coord.enroll_address.rsplit(":", 1)[1]
+        names = [f"site-{i:04d}" for i in range(args.sites)]
+        started = time.perf_counter()
+        tokens = {n: coord_cli("enroll", n, "--dir", str(coord.fed.root), "--ttl", "1h", "--enroll-port", port)
+                  .strip().splitlines()[-1] for n in names}
+        token_s = time.perf_counter() - started
+        cpu_before = meter.cpu_seconds()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.enroll_threads) as pool:
+            identities = list(pool.map(lambda n: StateDir(work / "sites" / n).enroll(coord.address, tokens[n]),
+                                       names))
+        enroll_s = time.perf_counter() - started
+        enroll_cpu = meter.cpu_seconds() - cpu_before
+        sites = [Site(i, n, identity, coord.address) for i, (n, identity) in enumerate(zip(names, identities,
+                                                                                              strict=True))]
+        print(f"{args.sites} sites: tokens {args.sites / token_s:.0f}/s, enrollment {args.sites / enroll_s:.0f}/s "
+              f"(daemon CPU {enroll_cpu:.1f}s)", flush=True)
+
+        latencies: list[tuple[float, float]] = []  # (sent at, seconds)
+        lock = threading.Lock()
+        uploads = ThreadPoolExecutor(args.upload_threads)
+        errors: list[str] = []
+
+        def send_upload(site: Site, task) -> None:
+            try:
+                site.upload(task)
+            except Exception as exc:  # noqa: BLE001 - counted and shown; the run goes on
+                errors.append(f"{site.name} round {task.round}: {exc}")
+            finally:
+                site.in_flight = False
+
+        def on_answer(site: Site, sent: float, future) -> None:
+            seconds = time.perf_counter() - sent
+            if stop.is_set():  # calls still in flight when the run ended fail with the daemon: not counted
+                return
+            try:
+                task = future.result()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{site.name} heartbeat: {exc}")
+                return
+            with lock:
+                latencies.append((sent, seconds))
+            site.latest = task
+            if task.action in (pb.ACTION_INIT, pb.ACTION_TRAIN) and task.round not in site.uploaded \
+                    and not site.in_flight:
+                site.in_flight = True
+                uploads.submit(send_upload, site, task)
+
+        def heartbeats() -> None:
+            while not stop.is_set():
+                tick = time.perf_counter()
+                for site in sites:
+                    sent = time.perf_counter()
+                    future = site.stub.Poll.future(pb.PollRequest(state=pb.CLIENT_STATE_IDLE), timeout=30)
+                    future.add_done_callback(lambda f, s=site, t=sent: on_answer(s, t, f))
+                stop.wait(max(0.0, 1.0 - (time.perf_counter() - tick)))
+
+        cpu_before = meter.cpu_seconds()
+        run_started = time.perf_counter()
+        beat = threading.Thread(target=heartbeats, daemon=True)
+        beat.start()
+        done = False
+        while time.monotonic() < deadline and not done:
+            time.sleep(0.5)
+            rows = coord.query("SELECT state FROM runs")
+            done = bool(rows) and rows[0]["state"] == "done"
+        stop.set()
+        beat.join(timeout=10)
+        uploads.shutdown(wait=True)
+        run_s = time.perf_counter() - run_started
+        run_cpu = meter.cpu_seconds() - cpu_before
+        rounds = json.loads(coord_cli("rounds", "--dir", str(coord.fed.root), "--json"))
+        last_accepted = {r["round"]: r["last"] for r in coord.query(
+            "SELECT round, MAX(accepted_at) AS last FROM updates GROUP BY round")}
+    finally:
+        stop.set()
+        meter.stop()
+        peak = meter.peak_rss_mib
+        coord.kill()
+        for site in sites:
+            site.channel.close()
+    # Perf-counter times of the heartbeats, wall-clock times of the coordinator: one offset joins them.
+    offset = time.time() - time.perf_counter()
+    burst_windows = [(r["started_unix"] - offset, last_accepted[r["round"]] - offset) for r in rounds
+                     if r["round"] >= 1 and r["round"] in last_accepted]  # round opened -> its last upload accepted
+    in_burst = [s for t, s in latencies if any(a <= t <= b for a, b in burst_windows)]
+    all_s = [s for _, s in latencies]
+    result = {
+        "sites": args.sites, "rounds": args.rounds, "daemon_threads": args.threads, "done": done,
+        "tokens_per_s": args.sites / token_s, "enrollments_per_s": args.sites / enroll_s,
+        "heartbeats": len(all_s), "heartbeat_ms": {"p50": percentile(all_s, 0.5) * 1e3,
+                                                   "p99": percentile(all_s, 0.99) * 1e3, "max": max(all_s) * 1e3},
+        "heartbeats_in_bursts": len(in_burst),
+        "heartbeat_in_burst_ms": {"p50": percentile(in_burst, 0.5) * 1e3, "p99": percentile(in_burst, 0.99) * 1e3},
+        "round_s": [r["finished_unix"] - r["started_unix"] for r in rounds if r["round"] >= 1],
+        "upload_burst_s": [b - a for a, b in burst_windows],
+        "run_s": run_s, "daemon_cpu_s": {"enrollment": enroll_cpu, "run": run_cpu}, "daemon_peak_rss_mib": peak,
+        "errors": len(errors), "first_errors": errors[:5],
+    }
+    print(json.dumps(result, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine_info(), **result}, indent=2))
+    print(f"JSON: {args.json}")
+    if not done:
+        raise SystemExit("the run did not finish within --timeout")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Round overhead: a round's wall time minus its slowest site's training, on a real 3-site federation.
+
+A real `fedvlm-coord serve` daemon (tests/harness.py `Coordinator`) and three `fedvlm-client` processes on 127.0.0.1
+(mutual TLS), the built-in tiny LLaVA (`tiny-llava`), LoRA r8 on q/v + the connector (F-CL), the built-in digits split
+over the three sites (a small test split, so that the evaluation each site runs on every global stays small),
+`max_steps` optimizer steps per local round. Everything comes from the coordinator's own records, read with
+`fedvlm-coord rounds --json` after the run: round r's wall time is from global r-1's publication to global r's,
+its slowest training is the largest `training[].seconds` the sites reported for r, and the overhead is the
+difference (it holds: the site learning of the round, downloading and verifying the global, evaluating it on the
+local test split, signing and uploading the update, the coordinator's checks, aggregation and signing). Round 1 is
+reported apart (it also holds the sites' model build, unless it was done while they waited).
+
+    python bench/round_overhead.py [--rounds 6] [--max-steps 4] [--json PATH] [--plot PATH]
+                                   [--baseline-pythonpath DIR]
+
+`--baseline-pythonpath DIR` runs the same federation first with the coordinator and the sites from DIR (a tree laid
+out as DIR/fedvlm/{coordinator,client,...}, e.g. the commit before a change) and reports both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import machine_info  # bench/machine.py (scripts run from bench/)
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests/harness.py
+TARGET_S = 0.2
+SITES = 3
+
+CONFIG = """
+name = "bench-rounds"
+[run]
+rounds = {rounds}
+min_clients = {sites}
+clients_per_round = {sites}
+quorum = {sites}
+round_deadline = "10m"
+poll_interval = "1s"
+heartbeat_timeout = "60s"
+final_eval = false
+[task]
+model = "tiny-llava"
+strategy = "F-CL"
+[task.lora]
+targets = ["q_proj", "v_proj"]
+[task.train]
+max_steps = {max_steps}
+"""
+
+
+def run_federation(work: Path, rounds: int, max_steps: int, pythonpath: str | None, data: list[Path],
+                   cache: Path) -> dict:
+    """One federation to its end; returns per-round wall, slowest training and overhead (coordinator records)."""
+    from tests.harness import Coordinator, coord_cli, start_sites, wait_sites_ok
+
+    saved = os.environ.get("PYTHONPATH")
+    if pythonpath:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, saved]))
+    started = time.time()
+    coord = Coordinator(work / "coord", CONFIG.format(rounds=rounds, sites=SITES, max_steps=max_steps))
+    try:
+        coord.start()
+        sites = start_sites(coord, data, work, cache)
+        wait_sites_ok(sites, work, timeout=600)
+    finally:
+        coord.kill()
+        if pythonpath:
+            os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+    rows = json.loads(coord_cli("rounds", "--dir", str(coord.fed.root), "--json"))
+    return {"rounds": per_round(rows), "seconds": time.time() - started, "pythonpath": pythonpath or ""}
+
+
+def per_round(rows: list[dict]) -> list[dict]:
+    """Round r >= 1: wall = published(r) - published(r-1), slowest training, overhead = wall - slowest."""
+    published = {r["round"]: r["finished_unix"] for r in rows}
+    out = []
+    for row in rows:
+        if row["round"] == 0:
+            continue
+        wall = row["finished_unix"] - published[row["round"] - 1]
+        slowest = max((t["seconds"] for t in row["training"]), default=0.0)
+        out.append({"round": row["round"], "wall_s": wall, "slowest_train_s": slowest, "overhead_s": wall - slowest,
+                    "steps": [t["steps"] for t in row["training"]]})
+    return out
+
+
+def summary(result: dict) -> dict:
+    later = [r["overhead_s"] for r in result["rounds"] if r["round"] >= 2]
+    return {"median_overhead_s": statistics.median(later), "max_overhead_s": max(later),
+            "round1_overhead_s": result["rounds"][0]["overhead_s"],
+            "median_wall_s": statistics.median(r["wall_s"] for r in result["rounds"] if r["round"] >= 2),
+            "median_slowest_train_s": statistics.median(r["slowest_train_s"] for r in result["rounds"]
+                                                        if r["round"] >= 2)}
+
+
+def print_table(name: str, result: dict) -> None:
+    print(f"\n{name}  ({result['pythonpath'] or 'this tree'}; {result['seconds']:.0f}s in all)")
+    print(f"{'round':>5} {'wall s':>8} {'slowest train s':>16} {'overhead s':>11}")
+    for r in result["rounds"]:
+        print(f"{r['round']:>5} {r['wall_s']:>8.3f} {r['slowest_train_s']:>16.3f} {r['overhead_s']:>11.3f}")
+    s = result["summary"]
+    verdict = "meets" if s["median_overhead_s"] <= TARGET_S else "misses"
+    print(f"median overhead, rounds 2..N: {s['median_overhead_s']:.3f}s ({verdict} the {TARGET_S}s target); "
+          f"round 1: {s['round1_overhead_s']:.3f}s")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, result in results.items():
+        rounds = [r["round"] for r in result["rounds"]]
+        ax.plot(rounds, [r["overhead_s"] for r in result["rounds"]], marker="o", label=f"{name}: overhead")
+        ax.plot(rounds, [r["slowest_train_s"] for r in result["rounds"]], linestyle=":", marker=".",
+                label=f"{name}: slowest training")
+    ax.axhline(TARGET_S, color="grey", linewidth=0.8, linestyle="--", label=f"target {TARGET_S}s")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.set_yscale("log")
+    ax.set_title("Round overhead = wall - slowest training (3 sites, tiny LLaVA, mTLS)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--baseline-pythonpath", type=Path, default=None)
+    parser.add_argument("--json", type=Path,
+                        default=Path(tempfile.gettempdir()) / "fedvlm-bench" / "round_overhead.json")
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error("--rounds must be >= 3 (the median is over rounds 2..N)")
+    from fedvlm.data.digits import build_digits
+    from fedvlm.vlm.presets import preset_dir
+    from tests.harness import small_sites
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fedvlm-rounds-"))
+    cache = work / "cache"
+    os.environ["FEDVLM_CACHE"] = str(cache)
+    preset_dir("tiny-llava")  # built once here, not by three sites racing
+    digits = build_digits(work / "digits", sites=SITES).root
+    data = small_sites(digits, work, SITES, train=64, test=8)
+    results = {}
+    if args.baseline_pythonpath:
+        results["baseline"] = run_federation(work / "baseline", args.rounds, args.max_steps,
+                                             str(args.baseline_pythonpath.resolve()), data, cache)
+    results["fedvlm"] = run_federation(work / "fedvlm", args.rounds, args.max_steps, None, data, cache)
+    for name, result in results.items():
+        result["summary"] = summary(result)
+        print_table(name, result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine_info(), "rounds": args.rounds, "max_steps": args.max_steps,
+                                     "sites": SITES, "results": results}, indent=2))
+    print(f"\nJSON: {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
