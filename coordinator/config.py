@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvlm.adapters import MAX_HEADER_BYTES
+from fedvlm.adapter_limits import MAX_HEADER_BYTES
 from fedvlm.spec import SpecError, TaskSpec
 from fedvlm.tables import Duration, from_table, require
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from fedvlm.adapter_limits import MAX_HEADER_BYTES
 from fedvlm.atomic import write_bytes_atomic
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
 Schema = dict[str, tuple[tuple[int, ...], str]]
 """Tensor name -> (shape, safetensors dtype string such as ``"F32"``)."""
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Safetensors metadata key under which the initial adapter carries its PEFT adapter_config.json (as JSON).
 ADAPTER_CONFIG_METADATA = "fedvlm.adapter_config"
 # ... and the base model it was built on (JSON: the task's model, the SHA-256 of the base weights), carried by every
