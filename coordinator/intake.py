@@ -234,7 +234,7 @@ class Intake:
             if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
                 algorithm = run.task.algorithm
                 expected_schema = adapters.schema_from_json(run.schema_json)
-                if algorithm.lora_exact:  # sites may train their own LoRA rank (products are averaged)
+                if algorithm.heterogeneous_ranks:  # sites may train their own LoRA rank (products are averaged)
                     expected_schema = rank_flexible_schema(schema, expected_schema)
                 # An update may carry a subset of the global's tensors (e.g. one stage of F-2stage), but every
                 # update of a round must carry the same subset, so that they can be averaged.
@@ -248,7 +248,7 @@ class Intake:
                 peers = self.state.accepted_updates(run.run_id, run.round)
                 if peers:
                     peer_schema = adapters.read_file_schema(self.blobs.path(peers[0].digest))
-                    if algorithm.lora_exact:  # the same tensor names; LoRA ranks may differ between sites
+                    if algorithm.heterogeneous_ranks:  # the same tensor names; LoRA ranks may differ between sites
                         _check_same_names(full, peer_schema)
                     else:
                         adapters.check_schema(full, peer_schema)
