@@ -55,6 +55,12 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and self.name != "", "name", "must be a non-empty string")
+        algorithm = self.task.algorithm
+        if algorithm.aggregator == "krum":  # a round aggregates at least run.quorum updates
+            f = algorithm.krum_byzantine
+            require(self.run.quorum > 2 * f + 2, "task.algorithm.krum_byzantine",
+                    f"krum with f = {f} needs more than 2f + 2 = {2 * f + 2} updates per round (Blanchard et al.), "
+                    f"but run.quorum = {self.run.quorum} lets a round aggregate {self.run.quorum}")
 
     @classmethod
     def load(cls, path: Path) -> FederationConfig:

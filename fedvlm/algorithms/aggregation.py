@@ -4,7 +4,8 @@
 - median: coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
   Statistical Rates"); trimmed_mean: per coordinate, drop the `trim_ratio` largest and smallest values (same paper).
 - krum / multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
-  Descent"): score each delta by the summed squared distances to its K - f - 2 nearest others, average the m best.
+  Descent"): score each delta by the summed squared distances to its K - f - 2 nearest others, average the m best;
+  refused unless K > 2f + 2, the paper's condition (and at load: run.quorum must exceed 2f + 2).
   These three are unweighted and hold all K deltas: memory O(K x model).
 - clip_norm C > 0: every delta is scaled to L2 norm at most C before aggregation.
 - clip_mode adaptive: C follows a quantile of the update norms (Andrew et al. 2021, privacy.py).
@@ -184,9 +185,10 @@ def krum(deltas: Sequence[Mapping[str, torch.Tensor]], byzantine: int, select: i
     """(Multi-)Krum: score each delta by the summed squared distances to its K - f - 2 nearest others and average
     the `select` best-scored deltas (ties keep the earlier update)."""
     k = len(deltas)
+    if k <= 2 * byzantine + 2:  # Blanchard et al.'s condition for the resilience guarantee
+        raise ValueError(f"krum with f = {byzantine} byzantine sites needs K > 2f + 2 = {2 * byzantine + 2} updates, "
+                         f"got K = {k}")
     neighbours = k - byzantine - 2
-    if neighbours < 1:
-        raise ValueError(f"krum with {byzantine} byzantine sites needs more than {byzantine + 2} updates, got {k}")
     names = sorted(deltas[0])
     flat = torch.stack([torch.cat([d[n].double().reshape(-1) for n in names]) for d in deltas])
     distances = torch.cdist(flat, flat).square()
