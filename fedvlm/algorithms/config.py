@@ -76,6 +76,7 @@ class AlgorithmConfig:
                     "needs dp_noise_multiplier > 0 (without noise no round has a finite epsilon)")
         require(self.lora_aggregation in LORA_AGGREGATIONS, "task.algorithm.lora_aggregation",
                 f"must be one of {', '.join(LORA_AGGREGATIONS)}")
+        key = "task.algorithm.lora_exact" if self.lora_exact else "task.algorithm.lora_aggregation"  # the one set
         if self.lora_exact:
             require(self.lora_aggregation in ("factors", "exact"), "task.algorithm.lora_exact",
                     f"lora_exact = true means lora_aggregation = \"exact\"; it contradicts \"{self.lora_aggregation}\""
@@ -83,7 +84,6 @@ class AlgorithmConfig:
             object.__setattr__(self, "lora_aggregation", "exact")  # frozen: the one normalisation of the alias
         object.__setattr__(self, "lora_exact", self.lora_aggregation == "exact")
         if self.lora_aggregation in PRODUCT_AGGREGATIONS:
-            key = "task.algorithm.lora_exact" if self.lora_exact else "task.algorithm.lora_aggregation"
             require(self.supports_lora_exact, key, f"{self.lora_aggregation} is not supported by {self.name}: its "
                     "server step works in the coordinates of the LoRA factors")
             require(self.aggregator == "mean", key, f"{self.lora_aggregation} needs the mean aggregator")
