@@ -136,7 +136,8 @@ class BenchConfig:
         task = dataclasses.replace(self.task, seed=seed)
         if self.experiment.site_lora_ranks and not task.algorithm.heterogeneous_ranks:
             smallest = min(self.experiment.site_lora_ranks)
-            task = dataclasses.replace(task, lora=dataclasses.replace(task.lora, r=smallest))
+            alpha = max(1, round(task.lora.alpha * smallest / task.lora.r))  # as for a site rank: alpha / r is kept
+            task = dataclasses.replace(task, lora=dataclasses.replace(task.lora, r=smallest, alpha=alpha))
         return task
 
     def site_ranks(self, names: list[str]) -> dict[str, int]:
