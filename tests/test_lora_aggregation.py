@@ -143,3 +143,21 @@ def test_flora_sites_merge_the_stack_and_the_export_loads_on_the_unmerged_base(s
     exported = PeftModel.from_pretrained(base, tmp_path).merge_and_unload()
     path = name.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
     assert torch.allclose(exported.get_submodule(path).weight, merged, atol=1e-5)
+
+
+def test_bench_site_lora_ranks_per_method():
+    from fedvlm.benchmark.config import BenchConfig
+
+    def config(method: str, ranks=(4, 8, 16)) -> BenchConfig:
+        return BenchConfig.from_dict({"task": {"lora": {"r": 16, "alpha": 32},
+                                               "algorithm": {"lora_aggregation": method}},
+                                      "experiment": {"num_clients": 4, "site_lora_ranks": list(ranks)}})
+
+    names = ["s1", "s2", "s3", "s4"]
+    assert config("flora").site_ranks(names) == {"s1": 4, "s2": 8, "s3": 16, "s4": 4}
+    assert config("exact").for_seed(1).lora.r == 16
+    equal = config("ffa")
+    assert equal.site_ranks(names) == dict.fromkeys(names, 4)  # one rank: the smallest every site can afford
+    assert (equal.for_seed(1).lora.r, equal.for_seed(1).lora.alpha) == (4, 8)  # alpha / r kept
+    with pytest.raises(SpecError, match=r"experiment\.site_lora_ranks"):
+        config("flora", ranks=(4, 0))
