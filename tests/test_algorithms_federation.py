@@ -190,3 +190,33 @@ def test_flora_with_sites_of_different_ranks_and_its_export(tmp_path, cache):
             if proc.poll() is None:
                 proc.kill()
         coord.kill()
+
+
+def test_a_dp_budget_stops_the_run_and_status_says_why(tmp_path, cache):
+    """dp_max_epsilon through real processes: sigma 2 spends 4.73 in round 1 and 7.08 after round 2 (every site in
+    every round), so a budget of 5 lets one round of three run; the sites are told the run stopped and exit, and
+    `fedvlm-coord status` shows why."""
+    layout = build_digits(tmp_path / "data", sites=2, seed=0)
+    for site in layout.site_dirs:
+        test = site / "test.json"
+        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
+    algorithm = "clip_norm = 1.0\ndp_noise_multiplier = 2.0\ndp_max_epsilon = 5.0"
+    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=3, algorithm=algorithm))
+    coord.start()
+    clients = {}
+    try:
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        wait_sites_ok(clients, tmp_path)
+        assert [r["round"] for r in coord.query("SELECT round FROM globals ORDER BY round")] == [0, 1]
+        status = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
+        assert status["run_state"] == "stopped"
+        reason = "privacy budget reached after round 1: round 2 would spend epsilon 7.08 > dp_max_epsilon 5"
+        assert status["stop_reason"].startswith(reason)
+        assert status["rounds"][1]["server_metrics"]["dp_epsilon"] == pytest.approx(4.7285, abs=1e-3)
+        shown = coord_cli("status", "--dir", str(coord.fed.root))
+        assert "stopped in round 2 of 3: privacy budget reached after round 1" in " ".join(shown.split())
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
