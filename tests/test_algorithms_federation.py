@@ -220,3 +220,34 @@ def test_a_dp_budget_stops_the_run_and_status_says_why(tmp_path, cache):
             if proc.poll() is None:
                 proc.kill()
         coord.kill()
+
+
+def test_rolora_sends_b_then_a_through_intake(tmp_path, cache):
+    """lora_aggregation = "rolora" through real processes: round 1's updates carry lora_B (and the connector) only,
+    round 2's lora_A only; intake accepts both subsets, and each global changes only the factor of its round."""
+    layout = build_digits(tmp_path / "data", sites=2, seed=0)
+    for site in layout.site_dirs:
+        test = site / "test.json"
+        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
+    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=2, algorithm='lora_aggregation = "rolora"'))
+    coord.start()
+    clients = {}
+    try:
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        wait_sites_ok(clients, tmp_path)
+
+        def tensors(digest):
+            return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+
+        for row in coord.query("SELECT round, digest FROM updates WHERE round > 0"):
+            factors = {k.split(".lora_")[1][0] for k in tensors(row["digest"]) if ".lora_" in k}
+            assert factors == ({"B"} if row["round"] == 1 else {"A"}), row["round"]
+        g = {r["round"]: tensors(r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
+        for number, frozen in ((1, "lora_A"), (2, "lora_B")):
+            same = [k for k in g[0] if f".{frozen}." in k]
+            assert same and all(torch.equal(g[number][k], g[number - 1][k]) for k in same), number
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
