@@ -256,10 +256,11 @@ class Agent:
         otherwise at this site's ``--lora-rank`` (refused unless the task aggregates LoRA exactly)."""
         spec = TaskSpec.from_json(spec_json)
         rank = 0 if initial or self.lora_rank == spec.lora.r else self.lora_rank
-        if rank and not spec.algorithm.lora_exact:
+        if rank and not spec.algorithm.heterogeneous_ranks:
             raise FatalError(f"--lora-rank {rank} (the task's rank is {spec.lora.r}) needs a run with "
-                             "task.algorithm.lora_exact = true: plain averaging of lora_A and lora_B needs equal "
-                             "ranks; restart without --lora-rank")
+                             "task.algorithm.lora_exact = true (lora_aggregation \"exact\") or lora_aggregation "
+                             "\"flora\": plain averaging of lora_A and lora_B needs equal ranks; restart without "
+                             "--lora-rank")
         with self._learner_lock:  # a prebuild of the same model may be under way (_prebuild_learner)
             return self._resident_learner(spec, spec_json, rank)
 
@@ -388,8 +389,8 @@ class Agent:
             learner.check_base_model(adapters.metadata_of(data).get(adapters.BASE_MODEL_METADATA))
         except BaseModelMismatch as exc:
             raise FatalError(f"cannot train this run here: {exc}") from exc
-        tensors, _ = split_aux(adapters.from_bytes(data))
-        learner.load_global_state(tensors, assignment.round)  # re-factorised to a site-local --lora-rank
+        # aux included (FLoRA's stack); re-factorised to a site-local --lora-rank
+        learner.load_global_state(adapters.from_bytes(data), assignment.round)
         return learner, data
 
     # -- the algorithm's client state (e.g. SCAFFOLD's c_i) ---------------------------------------------------

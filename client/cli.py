@@ -42,10 +42,11 @@ def run(coordinator: str = typer.Option(..., "--coordinator", "-c", envvar="FEDV
         lora_rank: int = typer.Option(
             0, "--lora-rank", min=0, envvar="FEDVLM_LORA_RANK",
             help="Site-local LoRA rank (0 = the task's task.lora.r), e.g. lower for a site with less memory or "
-            "compute. Only for runs with task.algorithm.lora_exact = true (refused otherwise): each global is "
-            "re-factorised to this rank on download (the best rank-R approximation of B·A below the global's rank, "
-            "exact above it) and the coordinator averages the products B·A. The initial adapter is always built "
-            "at the task's rank."),
+            "compute. Only for runs with task.algorithm.lora_aggregation = \"exact\" (lora_exact = true) or "
+            "\"flora\" (refused otherwise). exact: each global is re-factorised to this rank on download (the best "
+            "rank-R approximation of B·A below the global's rank, exact above it) and the coordinator averages the "
+            "products B·A. flora: the site trains a fresh rank-R LoRA every round and the coordinator stacks the "
+            "sites' pairs. The initial adapter is always built at the task's rank."),
         nproc: int = typer.Option(
             1, "--nproc", envvar="FEDVLM_NPROC",
             help="Data-parallel processes that train each round (torch.distributed: NCCL on cuda:0..N-1, gloo on "

@@ -89,6 +89,11 @@ class FederationConfig:
                 check_threshold(threshold(algorithm, sampled), sampled)
             except SecAggError as exc:
                 raise SpecError(f"task.algorithm.secagg_threshold: {exc} (run.clients_per_round = {sampled})") from None
+        if algorithm.aggregator == "krum":  # a round aggregates at least run.quorum updates
+            f = algorithm.krum_byzantine
+            require(self.run.quorum > 2 * f + 2, "task.algorithm.krum_byzantine",
+                    f"krum with f = {f} needs more than 2f + 2 = {2 * f + 2} updates per round (Blanchard et al.), "
+                    f"but run.quorum = {self.run.quorum} lets a round aggregate {self.run.quorum}")
 
     @classmethod
     def load(cls, path: Path) -> FederationConfig:

@@ -1,4 +1,8 @@
-"""Export a global version as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+"""Export a global version as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+
+A FLoRA global (lora_aggregation = "flora") holds its learned weights in the stack merged into the sites' base, not
+in its LoRA tensors: it is exported as a LoRA adapter of the stack's rank per module (``rank_pattern``) that loads
+on the original, unmerged base (fedvlm.algorithms.lora_aggregation.export_tensors)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 from fedvlm import adapters
 from fedvlm.algorithms.base import split_aux
+from fedvlm.algorithms.lora_aggregation import export_tensors
 from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord
 
@@ -91,7 +96,9 @@ def export_global(state: State, blobs: BlobStore, signer_cert, run: Run | None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors, _ = split_aux(dict(adapters.iter_file_tensors(path)))  # aux tensors (e.g. SCAFFOLD's c) stay here
+        tensors, aux = split_aux(dict(adapters.iter_file_tensors(path)))  # aux tensors (e.g. SCAFFOLD's c) stay here
+        if run.task.algorithm.lora_aggregation == "flora":  # the stack as a LoRA of its rank on the unmerged base
+            tensors, config = export_tensors(tensors, aux, config)
         adapters.save_file_atomic(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "fedvlm_global.json").write_text(json.dumps(

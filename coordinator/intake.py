@@ -277,7 +277,7 @@ class Intake:
             if run.schema_json is not None:  # header only: a wrong schema is refused before loading any tensor
                 algorithm = run.task.algorithm
                 expected_schema = adapters.schema_from_json(run.schema_json)
-                if algorithm.lora_exact:  # sites may train their own LoRA rank (products are averaged)
+                if algorithm.heterogeneous_ranks:  # sites may train their own LoRA rank (products are averaged)
                     expected_schema = rank_flexible_schema(schema, expected_schema)
                 if algorithm.secure_aggregation:  # masked: the fixed-point encoding plus masks, as uint64
                     expected_schema = masked_schema(expected_schema)
@@ -293,7 +293,7 @@ class Intake:
                 peers = self.state.accepted_updates(run.run_id, run.round)
                 if peers:
                     peer_schema = adapters.read_file_schema(self.blobs.path(peers[0].digest))
-                    if algorithm.lora_exact:  # the same tensor names; LoRA ranks may differ between sites
+                    if algorithm.heterogeneous_ranks:  # the same tensor names; LoRA ranks may differ between sites
                         _check_same_names(full, peer_schema)
                     else:
                         adapters.check_schema(full, peer_schema)

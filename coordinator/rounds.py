@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from fedvlm import adapters
 from fedvlm.algorithms import build
 from fedvlm.algorithms.base import Algorithm, ClientUpdate, next_global, sample_clients, split_aux
+from fedvlm.algorithms.privacy import Sampling, budget_refusal, round_sampling
 from fedvlm.security import signing
 from fedvlm.security.signing import GlobalRecord
 
@@ -123,6 +124,11 @@ class RoundDriver:
             need = cfg.clients_per_round - len(accepted)
             if len(live) < cfg.min_clients or len(candidates) < need:
                 return False
+            refusal = self._privacy_refusal(run, rnd)
+            if refusal:  # the run ends with the global of the last released round
+                self.state.stop_run(run.run_id, refusal)
+                log.warning("run %s: %s", run.run_id, refusal)
+                return True
             sampled = sample_clients(run.run_id, run.round, rnd.attempt, candidates, need)
             self.state.open_round(run.run_id, run.round, sampled, self.state.now() + cfg.round_deadline)
             log.info("round %d/%d: sampled %s (deadline in %.0fs)", run.round, cfg.rounds, ", ".join(sampled),
@@ -169,7 +175,8 @@ class RoundDriver:
         else:
             loaders = [ClientUpdate(u.num_examples, self._loader(u.digest)) for u in updates]
         # The state saved with the previous global: a redone (interrupted) aggregation starts from the same state.
-        result = algorithm.aggregate(base, loaders, self._server_state(run, algorithm, base), run.round)
+        result = algorithm.aggregate(base, loaders, self._server_state(run, algorithm, base), run.round,
+                                     self._sampling(run, rnd))
         merged = next_global(base, result)  # tensors no update carries (a frozen stage) keep the base's values
         digest = self.blobs.put_bytes(adapters.to_bytes(merged, self._carried_metadata(run, rnd.base_digest)))
         state_ref = self._put_server_state(run, run.round, result.state)
@@ -188,6 +195,18 @@ class RoundDriver:
                  digest[:12])
         if self.on_published:
             self.on_published(time.monotonic() - started, self.state.now() - rnd.started_at)
+
+    @staticmethod
+    def _sampling(run: Run, rnd: Round) -> Sampling:
+        return round_sampling(run.config.min_clients, run.config.clients_per_round, rnd.attempt)
+
+    def _privacy_refusal(self, run: Run, rnd: Round) -> str:
+        """Why the round's next draw must not start (its DP release would exceed dp_max_epsilon), or ""."""
+        if run.task.algorithm.dp_max_epsilon <= 0:
+            return ""
+        algorithm = build(run.task.algorithm)
+        return budget_refusal(algorithm.config, self._server_state(run, algorithm, {}), self._sampling(run, rnd),
+                              run.round)
 
     def _loader(self, digest: str):
         def load():

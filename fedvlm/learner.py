@@ -23,6 +23,7 @@ import torch
 
 from fedvlm.algorithms import build as build_algorithm
 from fedvlm.algorithms.base import ClientHook, Tensors, split_aux
+from fedvlm.algorithms.lora_aggregation import merge_stack, trained_factors
 from fedvlm.data.collate import BatchBuilder, encoder_for
 from fedvlm.data.llava_json import Example, load_llava_json
 from fedvlm.data.sources import resolve_site_data
@@ -31,7 +32,7 @@ from fedvlm.recipe import check_site
 from fedvlm.spec import TaskSpec
 from fedvlm.tasks import MULTITASK, get_task, score_mixed
 from fedvlm.train import TrainResult, generate_answers, train_local
-from fedvlm.vlm.finetuning import apply_strategy, set_stage, stage_for_round, stage_keys
+from fedvlm.vlm.finetuning import apply_strategy, is_lora_key, set_stage, stage_for_round, stage_keys
 from fedvlm.vlm.loading import load_base, resolve_device, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,10 @@ class Learner:
         lora_rank: int = 0,
     ) -> None:
         """``lora_rank``: a site-local LoRA rank instead of ``spec.lora.r`` (0 = the spec's), for sites with less
-        memory or compute. Needs ``task.algorithm.lora_exact`` (averaging A and B separately needs equal ranks);
-        the adapter then differs from the global's schema: load a global with ``load_global_state``. The site that
-        builds the initial adapter must use the spec's rank (that adapter defines the global's schema).
+        memory or compute. Needs ``task.algorithm.lora_aggregation`` exact or flora (averaging A and B separately
+        needs equal ranks); the adapter then differs from the global's schema: load a global with
+        ``load_global_state``. The site that builds the initial adapter must use the spec's rank (that adapter
+        defines the global's schema).
 
         The recipe (``spec.train.precision``, ``spec.quantization``, gradient checkpointing) applies to the base;
         the adapter is float32 in every case. ``SiteSetupError`` before anything is loaded if this site cannot
@@ -104,9 +106,13 @@ class Learner:
         check_site(spec, self.device)  # fp16 without a GPU, quantization without bitsandbytes: before any loading
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = the task's rank), got {lora_rank}")
-        if lora_rank and lora_rank != spec.lora.r and not spec.algorithm.lora_exact:
+        if lora_rank and lora_rank != spec.lora.r and not spec.algorithm.heterogeneous_ranks:
             raise ValueError(f"a site-local LoRA rank ({lora_rank}, the task's is {spec.lora.r}) needs "
-                             "task.algorithm.lora_exact = true: plain averaging of lora_A and lora_B needs equal ranks")
+                             "task.algorithm.lora_aggregation = \"exact\" (lora_exact = true) or \"flora\": plain "
+                             "averaging of lora_A and lora_B needs equal ranks")
+        if spec.algorithm.lora_aggregation == "flora" and spec.quantization != "none":
+            raise ValueError("task.algorithm.lora_aggregation = \"flora\" merges into the base weights, which a "
+                             f"quantized base ({spec.quantization}) cannot take")
         self.lora_rank = lora_rank or spec.lora.r
         self.spec = spec
         self.algorithm = build_algorithm(spec.algorithm)
@@ -129,6 +135,10 @@ class Learner:
         if self._examples["train"]:  # a processor or chat template that cannot encode this data fails now
             self.batches.warm(self._examples["train"][:1])
         self._schema = {k: (tuple(v.shape), v.dtype) for k, v in self._peft_state().items()}
+        # FLoRA: every round restarts from this site's initial LoRA; the base weights before any merge.
+        self._initial_lora = {k: v for k, v in self.adapter_state().items() if is_lora_key(k)} \
+            if spec.algorithm.lora_aggregation == "flora" else {}
+        self._unmerged: dict[str, torch.Tensor] = {}
         logger.info(
             "learner ready: model=%s strategy=%s train=%d test=%d adapter tensors=%d",
             spec.model, spec.strategy, self.num_train_examples, self.num_test_examples, len(self._schema),
@@ -213,14 +223,20 @@ class Learner:
         ``round_index=None``: every tensor of the adapter (the initial upload, which defines the global's schema,
         and exports). With a round: only the tensors that round trains, i.e. the update to upload after
         ``train_round(round_index)``; that is all of them except for F-2stage, whose update holds only the
-        connector before ``spec.switch_round`` and only the LoRA tensors from it on."""
+        connector before ``spec.switch_round`` and only the LoRA tensors from it on, and for
+        ``lora_aggregation`` ffa / rolora, which send one LoRA factor (``factors``)."""
         state = self._peft_state()
-        keys = stage_keys(state, self.stage(round_index)) if round_index is not None else list(state)
+        keys = stage_keys(state, self.stage(round_index), self.factors(round_index)) if round_index is not None \
+            else list(state)
         return {k: state[k].detach().to(device="cpu", dtype=torch.float32).contiguous().clone() for k in keys}
 
     def stage(self, round_index: int) -> str | None:
         """F-2stage: ``"connector"`` or ``"lora"``, the part round ``round_index`` trains; None otherwise."""
         return stage_for_round(self.spec.strategy, self.spec.switch_round, round_index)
+
+    def factors(self, round_index: int | None) -> frozenset[str]:
+        """The LoRA factors ("A", "B") round ``round_index`` trains and sends (``lora_aggregation``)."""
+        return trained_factors(self.spec.algorithm.lora_aggregation, round_index)
 
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the trainable tensors from ``tensors``; the key set and every shape must match ``adapter_state()``
@@ -249,10 +265,16 @@ class Learner:
             raise ValueError(f"PEFT did not place adapter tensors: {', '.join(leftover[:10])}")
 
     def load_global_state(self, tensors: dict[str, torch.Tensor], round_index: int = 0) -> None:
-        """``load_adapter_state`` for a global: with a site-local ``lora_rank``, each LoRA pair of another rank is
+        """``load_adapter_state`` for a global (as published: aux tensors under the wire prefix are read where the
+        algorithm needs them, else ignored): with a site-local ``lora_rank``, each LoRA pair of another rank is
         first re-factorised to this site's rank (best approximation of B·A below the global's rank, B·A unchanged
-        above it, the extra directions padded with seeded noise in A: ``lora_exact.fit_lora_ranks``)."""
-        if self.lora_rank != self.spec.lora.r:
+        above it, the extra directions padded with seeded noise in A: ``lora_exact.fit_lora_ranks``). FLoRA: the
+        global's stack is merged into the base weights and the LoRA restarts from this site's initialisation."""
+        tensors, aux = split_aux(tensors)
+        if self.spec.algorithm.lora_aggregation == "flora":
+            merge_stack(self.model, aux, self._unmerged)
+            tensors = {**tensors, **self._initial_lora}
+        elif self.lora_rank != self.spec.lora.r:
             from fedvlm.algorithms.lora_exact import fit_lora_ranks, lora_ranks
 
             ranks = lora_ranks({k: shape for k, (shape, _) in self._schema.items()})
@@ -298,7 +320,8 @@ class Learner:
         """
         if not self._examples["train"]:
             raise ValueError("no training examples (Learner was built without data_dir or train.json is empty)")
-        set_stage(self.model, self.stage(round_index))  # F-2stage: freeze the part this round does not train
+        # F-2stage, ffa, rolora: freeze the part this round does not train
+        set_stage(self.model, self.stage(round_index), self.factors(round_index))
         self.prepare_batches()
         return train_local(self.model, self.batches, self._examples["train"], self.spec.train,
                            seed=self._round_seed(round_index), progress=progress, hook=hook,
@@ -312,10 +335,11 @@ class Learner:
         algorithm's aux tensors under the wire prefix), train with ``task.algorithm``'s client hook, and return the
         update, its aux tensors and the new client state (``RoundUpdate``). ``client_state``: what the previous
         round returned (empty at first). The one round step of the site agent and of the in-process benchmark."""
-        tensors, global_aux = split_aux(global_state)
-        self.load_global_state(tensors, round_index)
+        self.load_global_state(dict(global_state), round_index)
+        _, global_aux = split_aux(global_state)
         client_state = dict(client_state or {})
-        set_stage(self.model, self.stage(round_index))  # the hook sees exactly the parameters this round trains
+        # the hook sees exactly the parameters this round trains
+        set_stage(self.model, self.stage(round_index), self.factors(round_index))
         hook = self.algorithm.client_hook(self.adapter_parameters(), global_aux, client_state)
         result = self.train_round(round_index, progress, total_rounds, hook, group)
         update = self.adapter_state(round_index)

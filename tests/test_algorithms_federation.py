@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fedvlm import adapters
 from fedvlm.algorithms.aggregation import dp_epsilon
@@ -130,6 +131,121 @@ def test_sites_of_different_lora_ranks_with_exact_aggregation(tmp_path, cache):
         sent = {r["client"]: ranks(tensors(r["digest"]))
                 for r in coord.query("SELECT client, digest FROM updates WHERE round=1")}
         assert sent == {"site-1": {8}, "site-2": {4}}
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
+
+
+def test_flora_with_sites_of_different_ranks_and_its_export(tmp_path, cache):
+    """lora_aggregation = "flora" through real processes: a rank-8 site and a `--lora-rank 4` site for two rounds.
+    The updates carry their own ranks, global 2 carries the stack of both rounds (8 + 4 per round) while its LoRA
+    tensors stay global 0's, and `fedvlm-coord export` writes a PEFT adapter of the stack's rank that loads on the
+    unmerged base, where it equals W0 + scaling x B_stack A_stack."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    layout = build_digits(tmp_path / "data", sites=2, seed=0)
+    for site in layout.site_dirs:
+        test = site / "test.json"
+        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
+    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=2, algorithm='lora_aggregation = "flora"'))
+    coord.start()
+    clients = {}
+    try:
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache,
+                              extra=lambda i: ("--lora-rank", "4") if i == 1 else ())
+        wait_sites_ok(clients, tmp_path)
+
+        def tensors(digest):
+            return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+
+        digests = {g["round"]: g["digest"] for g in coord.query("SELECT round, digest FROM globals")}
+        first, last = tensors(digests[0]), tensors(digests[2])
+        lora = [k for k in first if ".lora_" in k]
+        assert lora and all(torch.equal(last[k], first[k]) for k in lora)  # the global's own LoRA: global 0's
+        stack = {k: v for k, v in last.items() if k.startswith("fedvlm.aux/flora.")}
+        ranks = {k: v.shape[0] for k, v in stack.items() if "flora.A/" in k}
+        assert ranks and set(ranks.values()) == {24}  # (8 + 4) x 2 rounds, below min(out, in) of every layer
+        sent = {(r["client"], r["round"]): {v.shape[0] for k, v in tensors(r["digest"]).items()
+                                            if k.endswith("lora_A.weight")}
+                for r in coord.query("SELECT client, round, digest FROM updates WHERE round > 0")}
+        assert sent == {("site-1", 1): {8}, ("site-2", 1): {4}, ("site-1", 2): {8}, ("site-2", 2): {4}}
+
+        out = tmp_path / "adapter"
+        coord_cli("export", "--dir", str(coord.fed.root), "--round", "2", "--out", str(out))
+        config = json.loads((out / "adapter_config.json").read_text())
+        base = AutoModelForImageTextToText.from_pretrained(preset_dir("tiny-llava", cache))
+        a_key = sorted(ranks)[0]
+        module = a_key[len("fedvlm.aux/flora.A/base_model.model."):-len(".lora_A.weight")]
+        original = base.get_submodule(module).weight.detach().clone()
+        merged = PeftModel.from_pretrained(base, out).merge_and_unload().get_submodule(module).weight
+        b_key = a_key.replace("flora.A/", "flora.B/").replace("lora_A", "lora_B")
+        scaling = config["lora_alpha"] / config["r"]
+        assert config["rank_pattern"][module] == 24
+        assert torch.allclose(merged, original + scaling * stack[b_key] @ stack[a_key], atol=1e-5)
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
+
+
+def test_a_dp_budget_stops_the_run_and_status_says_why(tmp_path, cache):
+    """dp_max_epsilon through real processes: sigma 2 spends 4.73 in round 1 and 7.08 after round 2 (every site in
+    every round), so a budget of 5 lets one round of three run; the sites are told the run stopped and exit, and
+    `fedvlm-coord status` shows why."""
+    layout = build_digits(tmp_path / "data", sites=2, seed=0)
+    for site in layout.site_dirs:
+        test = site / "test.json"
+        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
+    algorithm = "clip_norm = 1.0\ndp_noise_multiplier = 2.0\ndp_max_epsilon = 5.0"
+    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=3, algorithm=algorithm))
+    coord.start()
+    clients = {}
+    try:
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        wait_sites_ok(clients, tmp_path)
+        assert [r["round"] for r in coord.query("SELECT round FROM globals ORDER BY round")] == [0, 1]
+        status = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
+        assert status["run_state"] == "stopped"
+        reason = "privacy budget reached after round 1: round 2 would spend epsilon 7.08 > dp_max_epsilon 5"
+        assert status["stop_reason"].startswith(reason)
+        assert status["rounds"][1]["server_metrics"]["dp_epsilon"] == pytest.approx(4.7285, abs=1e-3)
+        shown = coord_cli("status", "--dir", str(coord.fed.root))
+        assert "stopped in round 2 of 3: privacy budget reached after round 1" in " ".join(shown.split())
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
+
+
+def test_rolora_sends_b_then_a_through_intake(tmp_path, cache):
+    """lora_aggregation = "rolora" through real processes: round 1's updates carry lora_B (and the connector) only,
+    round 2's lora_A only; intake accepts both subsets, and each global changes only the factor of its round."""
+    layout = build_digits(tmp_path / "data", sites=2, seed=0)
+    for site in layout.site_dirs:
+        test = site / "test.json"
+        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
+    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=2, algorithm='lora_aggregation = "rolora"'))
+    coord.start()
+    clients = {}
+    try:
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        wait_sites_ok(clients, tmp_path)
+
+        def tensors(digest):
+            return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+
+        for row in coord.query("SELECT round, digest FROM updates WHERE round > 0"):
+            factors = {k.split(".lora_")[1][0] for k in tensors(row["digest"]) if ".lora_" in k}
+            assert factors == ({"B"} if row["round"] == 1 else {"A"}), row["round"]
+        g = {r["round"]: tensors(r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
+        for number, frozen in ((1, "lora_A"), (2, "lora_B")):
+            same = [k for k in g[0] if f".{frozen}." in k]
+            assert same and all(torch.equal(g[number][k], g[number - 1][k]) for k in same), number
     finally:
         for proc in clients.values():
             if proc.poll() is None:

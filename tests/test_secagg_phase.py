@@ -239,7 +239,10 @@ def test_masked_uploads_are_refused_out_of_phase_from_non_sharers_and_in_the_cle
     ({"aggregator": "median"}, "needs the mean aggregator: median needs each site's update"),
     ({"aggregator": "trimmed_mean"}, "needs the mean aggregator: trimmed_mean"),
     ({"aggregator": "krum"}, "needs the mean aggregator: krum"),
-    ({"lora_exact": True}, "not with lora_exact"),
+    ({"lora_exact": True}, 'not with lora_aggregation = "exact"'),
+    ({"lora_aggregation": "flora"}, 'not with lora_aggregation = "flora"'),
+    ({"lora_aggregation": "ffa"}, 'not with lora_aggregation = "ffa"'),
+    ({"lora_aggregation": "rolora"}, 'not with lora_aggregation = "rolora"'),
     ({"name": "scaffold"}, "not supported by scaffold"),
 ])
 def test_algorithms_that_need_each_update_are_refused_with_one_line(algorithm, message):

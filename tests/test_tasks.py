@@ -18,7 +18,7 @@ def test_vqa_normalisation():
     assert normalize_vqa("Yes.") == "yes"
     assert normalize_vqa("  Two  ") == "2"
     assert normalize_vqa("The 7!") == "7"
-    assert normalize_vqa("3.5") == "3.5" and normalize_vqa("1,000") == "1,000"
+    assert normalize_vqa("3.5") == "3.5" and normalize_vqa("1,000") == normalize_vqa("1000") == "1000"
     assert normalize_vqa("a red-ish cat") == "red ish cat"
     assert parse_answer("\n  No, it is not\nmore") == "no, it is not".replace(",", "")
 

@@ -4,13 +4,15 @@
 - median: coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
   Statistical Rates"); trimmed_mean: per coordinate, drop the `trim_ratio` largest and smallest values (same paper).
 - krum / multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
-  Descent"): score each delta by the summed squared distances to its K - f - 2 nearest others, average the m best.
+  Descent"): score each delta by the summed squared distances to its K - f - 2 nearest others, average the m best;
+  refused unless K > 2f + 2, the paper's condition (and at load: run.quorum must exceed 2f + 2).
   These three are unweighted and hold all K deltas: memory O(K x model).
 - clip_norm C > 0: every delta is scaled to L2 norm at most C before aggregation.
+- clip_mode adaptive: C follows a quantile of the update norms (Andrew et al. 2021, privacy.py).
 - Central DP (DP-FedAvg, McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"):
-  clip to C, unweighted mean, plus Gaussian noise N(0, (sigma C / K)^2) per coordinate; the privacy spent is
-  tracked by an RDP accountant (Google's dp-accounting) for `rounds` compositions of the Gaussian mechanism at
-  noise multiplier sigma, without amplification by sampling (conservative).
+  clip to C, unweighted mean, plus Gaussian noise N(0, (sigma C / K)^2) per coordinate; the privacy spent, with
+  the round's client sampling, is accounted by privacy.py (RDP, dp-accounting).
+- lora_aggregation exact / flora: LoRA pairs through their products (lora_exact.py, lora_aggregation.py).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from . import privacy
 from .base import ClientUpdate, Tensors
 from .config import AlgorithmConfig
+from .privacy import DP_ROUNDS, Sampling, dp_epsilon  # noqa: F401 - dp_epsilon: the accountant's name since DP landed
 
 DP_SEED = "dp.seed"
-DP_ROUNDS = "dp.rounds"
 
 
 def initial_dp_state(config: AlgorithmConfig) -> Tensors:
@@ -38,17 +41,36 @@ def initial_dp_state(config: AlgorithmConfig) -> Tensors:
 
 
 def combine(config: AlgorithmConfig, base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], state: Tensors,
-            round_index: int) -> tuple[Tensors, Tensors, dict[str, float]]:
-    """(aggregated delta in float64, unweighted mean of the aux tensors, metrics); may update `state` (DP)."""
+            round_index: int, sampling: Sampling | None = None) -> tuple[Tensors, Tensors, dict[str, float]]:
+    """(aggregated delta in float64, unweighted mean of the aux tensors, metrics); may update `state` (DP,
+    adaptive clipping, FLoRA's stack). `sampling`: how the round's sites were drawn (None: no amplification)."""
     if not updates:
         raise ValueError("aggregation needs at least one update")
-    if config.lora_exact:
+    if config.lora_aggregation == "exact":
         from .lora_exact import exact_lora_mean
 
         merged, aux_mean = exact_lora_mean(updates, {n: t.shape[0] for n, t in base.items()})
         return {n: v - base[n].double() for n, v in merged.items()}, aux_mean, {}
-    if config.aggregator == "mean":
-        return _streaming_mean(config, base, updates, state, round_index)
+    if config.lora_aggregation == "flora":
+        from .lora_aggregation import flora_stack
+
+        return flora_stack(base, updates, state)
+    used = privacy.round_config(config, state)  # adaptive clipping: this round's norm and noise share
+    if used.aggregator == "mean":
+        delta, aux_mean, metrics = _streaming_mean(used, base, updates, state, round_index)
+    else:
+        delta, aux_mean, metrics = _robust(used, base, updates)
+    dp = config.dp_noise_multiplier > 0
+    if config.clip_mode == "adaptive":
+        seed = privacy.count_seed(_noise_seed(state, round_index)) if dp else round_index
+        unclipped = len(updates) - int(metrics["clipped_updates"])
+        metrics.update(privacy.adapt_clip_norm(config, state, used, unclipped, len(updates), seed))
+    if dp:
+        metrics.update(privacy.spend(config, state, sampling))
+    return delta, aux_mean, metrics
+
+
+def _robust(config, base, updates):
     deltas, aux_sum, names = [], {}, None
     clipped = 0
     for index, update in enumerate(updates):
@@ -95,10 +117,6 @@ def _streaming_mean(config, base, updates, state, round_index):
         generator = torch.Generator().manual_seed(_noise_seed(state, round_index))
         for name in sorted(mean):
             mean[name] = mean[name] + torch.randn(mean[name].shape, generator=generator, dtype=torch.float64) * std
-        rounds = int(state.get(DP_ROUNDS, torch.tensor(0))) + 1
-        state[DP_ROUNDS] = torch.tensor(rounds, dtype=torch.int64)
-        metrics.update(dp_epsilon=dp_epsilon(config.dp_noise_multiplier, rounds, config.dp_delta),
-                       dp_delta=config.dp_delta, dp_rounds=float(rounds))
     return mean, aux_mean, metrics
 
 
@@ -107,16 +125,6 @@ def _noise_seed(state: Mapping[str, torch.Tensor], round_index: int) -> int:
         raise ValueError("DP is on but the server state has no noise seed (state created without DP?)")
     key = f"{int(state[DP_SEED])}:{round_index}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & ((1 << 63) - 1)
-
-
-def dp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """Epsilon at `delta` after `rounds` Gaussian mechanisms at `noise_multiplier` (RDP accountant)."""
-    import dp_accounting  # imported here: only DP runs pay for it
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    accountant = rdp_privacy_accountant.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), rounds))
-    return float(accountant.get_epsilon(delta))
 
 
 def _check_names(index: int, names: set[str] | None, tensors: Mapping[str, torch.Tensor]) -> set[str]:
@@ -213,9 +221,10 @@ def krum(deltas: Sequence[Mapping[str, torch.Tensor]], byzantine: int, select: i
     """(Multi-)Krum: score each delta by the summed squared distances to its K - f - 2 nearest others and average
     the `select` best-scored deltas (ties keep the earlier update)."""
     k = len(deltas)
+    if k <= 2 * byzantine + 2:  # Blanchard et al.'s condition for the resilience guarantee
+        raise ValueError(f"krum with f = {byzantine} byzantine sites needs K > 2f + 2 = {2 * byzantine + 2} updates, "
+                         f"got K = {k}")
     neighbours = k - byzantine - 2
-    if neighbours < 1:
-        raise ValueError(f"krum with {byzantine} byzantine sites needs more than {byzantine + 2} updates, got {k}")
     names = sorted(deltas[0])
     flat = torch.stack([torch.cat([d[n].double().reshape(-1) for n in names]) for d in deltas])
     distances = torch.cdist(flat, flat).square()

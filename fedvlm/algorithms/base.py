@@ -20,10 +20,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import AlgorithmConfig
+
+if TYPE_CHECKING:
+    from .privacy import Sampling
 
 Tensors = dict[str, torch.Tensor]
 
@@ -102,8 +106,10 @@ class Algorithm:
         return initial_dp_state(self.config)
 
     def aggregate(self, base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                  state: Mapping[str, torch.Tensor], round_index: int) -> ServerResult:
-        """The new global values of the round's tensors from `base` and the round's `updates`.
+                  state: Mapping[str, torch.Tensor], round_index: int,
+                  sampling: Sampling | None = None) -> ServerResult:
+        """The new global values of the round's tensors from `base` and the round's `updates`; `sampling`: how the
+        round's sites were drawn, for the DP accountant (None: no amplification by sampling).
 
         Deterministic for equal inputs (float64 math, updates in the given order, DP noise seeded from the state),
         so an interrupted aggregation that is redone gives the same global.
@@ -111,9 +117,13 @@ class Algorithm:
         from .aggregation import combine
 
         new_state = dict(state)
-        delta, aux_mean, metrics = combine(self.config, base, updates, new_state, round_index)
+        delta, aux_mean, metrics = combine(self.config, base, updates, new_state, round_index, sampling)
         tensors = self.server_update(base, delta, new_state)
         aux = self.server_aux(aux_mean, len(updates), new_state)
+        if self.config.lora_aggregation == "flora":  # the stack travels with the global (lora_aggregation.py)
+            from .lora_aggregation import published_stack
+
+            aux.update(published_stack(new_state))
         return ServerResult(tensors=tensors, aux=aux, state=new_state, metrics=metrics)
 
     def server_update(self, base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],

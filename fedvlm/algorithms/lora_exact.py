@@ -1,13 +1,15 @@
-"""Exact aggregation of LoRA factors (the problem stated in Sun et al. 2024, "Improving LoRA in Privacy-preserving
-Federated Learning" (FFA-LoRA) and solved by re-factorisation in Wang et al. 2024, "FLoRA: Federated Fine-Tuning
-Large Language Models with Heterogeneous Low-Rank Adaptations").
+"""Exact aggregation of LoRA products with SVD re-factorisation (``lora_aggregation = "exact"``, alias
+``lora_exact = true``): the FlexLoRA step (Bai et al. 2024, "Federated Fine-tuning of Large Language Models under
+Heterogeneous Tasks and Client Resources"), also used by HLoRA. The problem it addresses is stated in Sun et al.
+2024 (FFA-LoRA). It is *not* FLoRA (Wang et al. 2024), which stacks the sites' factors instead of averaging their
+products (lora_aggregation.py).
 
 Averaging the factors separately gives mean(B) mean(A), which is not mean(B A): the cross terms B_j A_k (j != k)
 are noise. Here the weighted mean of the products P = sum_k n_k B_k A_k / sum_k n_k is computed exactly and
 re-factorised to the sites' rank r with a truncated SVD, P ~ U_r S_r V_r^T, B = U_r S_r^(1/2), A = S_r^(1/2) V_r^T,
 the best rank-r approximation of P (Eckart-Young). The mean of K rank-r products has rank up to K r, so the
 truncation error is what the shared rank r cannot hold. Sites may train other ranks than the global's
-(heterogeneous ranks, as in FLoRA): the products do not depend on the rank, so the output keeps the global's rank;
+(heterogeneous ranks): the products do not depend on the rank, so the output keeps the global's rank;
 a site re-factorises each downloaded pair to its own rank (`fit_lora_ranks`) and intake accepts a LoRA pair whose
 rank dimension differs from the global's (`rank_flexible_schema`). Cost: one dense (out x in) accumulator and one
 SVD per LoRA pair, instead of two r-row factors.

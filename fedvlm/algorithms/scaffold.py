@@ -7,10 +7,17 @@ clipping), an along-the-trajectory estimate of the paper's option I (the local g
 
     c_i+ = (1 / K) sum_k g_i(y_k),     sent with the update: dc_i = c_i+ - c_i
 
-and the server, with S the round's sites and N all sites (`scaffold_clients`, 0 = |S|, full participation):
+and the server, with S the round's sites, N all sites (`scaffold_clients`, 0 = |S|, full participation) and p_i
+the weights of the round's mean (n_i / sum_S n_j, the example counts; equal weights under central DP or a robust
+aggregator, which ignore the counts):
 
-    x  <- x + server_lr * mean_{i in S}(y_i - x)
-    c  <- c + (1 / N) sum_{i in S} dc_i
+    x  <- x + server_lr * sum_{i in S} p_i (y_i - x)
+    c  <- c + (|S| / N) sum_{i in S} p_i dc_i
+
+Both steps use the same weights, so SCAFFOLD minimises the objective FedAvg targets, sum_i n_i f_i / sum_i n_i (the
+example-weighted one; the unweighted mean of f_i under DP or a robust aggregator). With the model step weighted
+and c unweighted (as before), c estimated the unweighted mean gradient and x converged to the unweighted optimum.
+With partial participation (|S| < N), p_i re-weights within the round's sample (an estimate of the sites' share).
 
 Why not option II, c_i+ = c_i - c + (x - y_i) / (K lr): it measures the gradient only when the local optimizer is
 plain SGD. fedvlm trains with AdamW, whose steps are about lr per coordinate whatever the gradient's size, so option
@@ -33,7 +40,7 @@ import torch
 
 from fedvlm.tables import require
 
-from .base import Algorithm, ClientHook, Tensors
+from .base import Algorithm, ClientHook, ClientUpdate, Tensors
 from .config import AlgorithmConfig
 from .registry import register
 
@@ -85,6 +92,16 @@ class ScaffoldHook(ClientHook):
 class Scaffold(Algorithm):
     config: ScaffoldConfig
 
+    def aggregate(self, base, updates, state, round_index, sampling=None):
+        # The combination averages aux tensors without weights (aggregation.combine); scaling update i's dc_i by
+        # K p_i makes that mean sum_i p_i dc_i, with the weights of the model step's mean.
+        equal = self.config.dp_noise_multiplier > 0 or self.config.aggregator != "mean"
+        weights = [1.0 if equal else float(u.weight) for u in updates]
+        total = sum(weights)
+        scaled = [ClientUpdate(u.weight, _scaled_aux(u.load, w * len(updates) / total))
+                  for u, w in zip(updates, weights, strict=True)]
+        return super().aggregate(base, scaled, state, round_index, sampling)
+
     def server_update(self, base, delta, state):
         return {n: (base[n].double() + self.config.server_lr * d).to(base[n].dtype) for n, d in delta.items()}
 
@@ -102,6 +119,13 @@ class Scaffold(Algorithm):
     def client_hook(self, params, global_aux, client_state) -> ClientHook:
         c = {k[len(C):]: v for k, v in global_aux.items() if k.startswith(C)}
         return ScaffoldHook(params, c, client_state)
+
+
+def _scaled_aux(load, factor: float):
+    def scaled():
+        tensors, aux = load()
+        return tensors, {n: v * factor for n, v in aux.items()}
+    return scaled
 
 
 register(ScaffoldConfig, Scaffold)

@@ -37,9 +37,10 @@ def check_secure_aggregation(config: AlgorithmConfig) -> None:
     require(config.aggregator == "mean", key,
             f"needs the mean aggregator: {config.aggregator} needs each site's update, the coordinator sees only "
             "their sum")
-    require(not config.lora_exact, key,
-            "not with lora_exact: mixed LoRA ranks are averaged through each site's product B·A, which the sum of "
-            "masked factors does not give")
+    require(config.lora_aggregation == "factors", key,
+            f"not with lora_aggregation = \"{config.lora_aggregation}\": exact and flora combine each site's product "
+            "B·A, which the sum of masked factors does not give; ffa and rolora send one factor per round, which the "
+            "masking does not cover yet")
     require(config.supports_secure_aggregation, key,
             f"not supported by {config.name}: its server step needs more than the sum of the updates")
 

@@ -56,6 +56,10 @@ class ExperimentSpec:
     step_seconds: float = 0.1
     round_deadline: float = 0.0  # simulated seconds; 0 = every sampled client is waited for
     quorum: int = 1
+    # The LoRA rank each site can afford (cycled over the sites, a site's --lora-rank). Under a lora_aggregation
+    # that allows site-local ranks (exact, flora) every site trains its own; the others need one rank, so every
+    # site trains the smallest, as a federation of these sites would have to (BenchConfig.for_seed). () = task.lora.r.
+    site_lora_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name) is not None,
@@ -80,6 +84,8 @@ class ExperimentSpec:
         _require(self.round_deadline >= 0, "experiment.round_deadline", "must be >= 0 (0 = no deadline)")
         _require(1 <= self.quorum <= self.sampled_per_round, "experiment.quorum",
                  "must be between 1 and the clients sampled per round")
+        _require(all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.site_lora_ranks),
+                 "experiment.site_lora_ranks", "must be a list of positive integers")
         if method == "sites":
             _require(self.dataset not in BUILTIN_DATASETS, "experiment.partition",
                      "\"sites\" needs experiment.dataset to be a directory with site_<i> folders")
@@ -125,8 +131,22 @@ class BenchConfig:
         return {"task": json.loads(self.task.to_json()), "experiment": dataclasses.asdict(self.experiment)}
 
     def for_seed(self, seed: int) -> TaskSpec:
-        """The task spec of one trial: the model's initial adapter, dropout and shuffles follow ``seed``."""
-        return dataclasses.replace(self.task, seed=seed)
+        """The task spec of one trial: the model's initial adapter, dropout and shuffles follow ``seed``; with
+        ``site_lora_ranks`` under a lora_aggregation that needs equal ranks, the LoRA rank is their smallest."""
+        task = dataclasses.replace(self.task, seed=seed)
+        if self.experiment.site_lora_ranks and not task.algorithm.heterogeneous_ranks:
+            smallest = min(self.experiment.site_lora_ranks)
+            alpha = max(1, round(task.lora.alpha * smallest / task.lora.r))  # as for a site rank: alpha / r is kept
+            task = dataclasses.replace(task, lora=dataclasses.replace(task.lora, r=smallest, alpha=alpha))
+        return task
+
+    def site_ranks(self, names: list[str]) -> dict[str, int]:
+        """Each site's LoRA rank in a trial (``site_lora_ranks`` cycled; the spec's rank where ranks must match)."""
+        rank = self.for_seed(0).lora.r
+        if not self.experiment.site_lora_ranks or not self.task.algorithm.heterogeneous_ranks:
+            return {name: rank for name in names}
+        ranks = self.experiment.site_lora_ranks
+        return {name: ranks[i % len(ranks)] for i, name in enumerate(names)}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from fedvlm import adapters
 from fedvlm.algorithms import build
 from fedvlm.algorithms.base import ClientUpdate, Tensors, next_global, sample_clients, split_aux
+from fedvlm.algorithms.privacy import Sampling
 from fedvlm.study.config import BenchConfig
 from fedvlm.study.data import SiteData
 
@@ -80,6 +81,11 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
 
     tick("building the model")
     learner = Learner(spec, data.union if exp.baseline == "centralized" else data.sites[0], cache_dir=cache_dir)
+    rank_of = config.site_ranks(names)
+    learners = {spec.lora.r: learner}  # one resident model per site-local LoRA rank (experiment.site_lora_ranks)
+    for rank in sorted(set(rank_of.values()) - set(learners)):
+        learners[rank] = Learner(spec, data.sites[0], cache_dir=cache_dir, lora_rank=rank)
+    sampling = Sampling(exp.num_clients, exp.sampled_per_round)  # for the DP accountant: every virtual site is live
     global_state: Tensors = learner.adapter_state()  # global 0: the INIT site's fresh adapter
     algorithm = build(spec.algorithm)
     server_state = algorithm.initial_state(global_state)
@@ -106,11 +112,13 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
             times: list[float] = []
             for name in sampled:
                 tick(f"round {rnd}/{exp.rounds}: {name}")
-                learner.use_data(data.union if name == "union" else site_of[name])
                 if exp.baseline == "federated":
-                    step = learner.federated_round(global_state, rnd, exp.rounds, client_states[name])
+                    site_learner = learners[rank_of[name]]
+                    site_learner.use_data(site_of[name])
+                    step = site_learner.federated_round(global_state, rnd, exp.rounds, client_states[name])
                     result = step.result
                 else:
+                    learner.use_data(data.union if name == "union" else site_of[name])
                     learner.load_global_state(local_states[name] if exp.baseline == "local" else base, rnd)
                     result = learner.train_round(rnd, total_rounds=exp.rounds)
                 sim = result.steps * exp.step_seconds * (exp.straggler_slowdown if name in slow else 1.0)
@@ -138,7 +146,7 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
                 bytes_up += round_up
                 bytes_down += global_bytes * len(sampled)
             if exp.baseline == "federated" and aggregated:
-                result = algorithm.aggregate(base, updates, server_state, rnd)
+                result = algorithm.aggregate(base, updates, server_state, rnd, sampling)
                 server_state = result.state
                 server_metrics = result.metrics
                 global_state = next_global(base, result)
@@ -169,7 +177,7 @@ def _evaluate(learner, baseline: str, global_state: Tensors, local_states: dict[
               eval_json: Path, rnd: int) -> dict[str, float]:
     """Every model is scored on the same common evaluation set; ``local``: the mean over the clients' models."""
     if baseline != "local":
-        learner.load_global_state(split_aux(global_state)[0], rnd)
+        learner.load_global_state(global_state, rnd)  # aux included: FLoRA's stack is merged for the evaluation
         return learner.evaluate_json(eval_json)
     scores = []
     for name in names:

@@ -1,7 +1,8 @@
 """Visual question answering: accuracy after answer normalisation, split into closed (yes/no) and open questions.
 
 Normalisation (``normalize_vqa``), in this order, after the official VQA evaluation's spirit:
-lower case; punctuation removed (a ``.`` or ``,`` between digits is kept, so "3.5" and "1,000" survive);
+lower case; a ``,`` between digits removed ("1,000" == "1000", as the official evaluation's processPunctuation
+does); other punctuation removed (a ``.`` between digits is kept, so "3.5" survives);
 number words ``zero``..``ten`` become digits; the articles ``a``, ``an``, ``the`` are dropped; whitespace collapsed.
 A prediction is parsed from the generated text's first non-empty line (``parse_answer``). A question is *closed*
 when its normalised reference is ``yes`` or ``no``, *open* otherwise.
@@ -17,11 +18,12 @@ NUMBER_WORDS = {w: str(i) for i, w in enumerate(
 ARTICLES = frozenset({"a", "an", "the"})
 CLOSED_ANSWERS = frozenset({"yes", "no"})
 _PUNCT = re.compile(r"(?<!\d)[.,](?!\d)|[!\"#$%&'()*+\-/:;<=>?@\[\\\]^_`{|}~]")
+_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
 
 
 def normalize_vqa(text: str) -> str:
     """The normalised form of an answer (see the module docstring); ``""`` for an empty answer."""
-    text = _PUNCT.sub(" ", text.lower())
+    text = _PUNCT.sub(" ", _DIGIT_COMMA.sub("", text.lower()))
     words = [NUMBER_WORDS.get(w, w) for w in text.split()]
     return " ".join(w for w in words if w not in ARTICLES)
 

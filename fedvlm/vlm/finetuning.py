@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import nn
 
+from fedvlm.algorithms.lora_aggregation import BOTH, factor_of
 from fedvlm.spec import LoraSpec
 from fedvlm.vlm.families import Family, family_of
 
@@ -118,20 +119,23 @@ def is_lora_key(name: str) -> bool:
     return ".lora_" in name
 
 
-def set_stage(peft_model, stage: str | None) -> None:
-    """Make only ``stage``'s parameters trainable (``None``: every adapter parameter, i.e. PEFT's default)."""
+def _trains(name: str, stage: str | None, factors: frozenset[str]) -> bool:
+    if is_lora_key(name):
+        return stage in (None, LORA_STAGE) and factor_of(name) in (None, *factors)
+    return stage in (None, CONNECTOR_STAGE)
+
+
+def set_stage(peft_model, stage: str | None, factors: frozenset[str] = BOTH) -> None:
+    """Make only ``stage``'s parameters trainable (``None``: every adapter parameter, i.e. PEFT's default), and of
+    the LoRA factors only ``factors`` ("A", "B": lora_aggregation ffa / rolora freeze the other one)."""
     for name, param in peft_model.named_parameters():
-        if is_lora_key(name):
-            param.requires_grad_(stage in (None, LORA_STAGE))
-        elif ".modules_to_save." in name:
-            param.requires_grad_(stage in (None, CONNECTOR_STAGE))
+        if is_lora_key(name) or ".modules_to_save." in name:
+            param.requires_grad_(_trains(name, stage, factors))
 
 
-def stage_keys(keys, stage: str | None) -> list[str]:
-    """The adapter-state keys a stage's update carries (``None``: all of them)."""
-    if stage is None:
-        return list(keys)
-    return [k for k in keys if is_lora_key(k) == (stage == LORA_STAGE)]
+def stage_keys(keys, stage: str | None, factors: frozenset[str] = BOTH) -> list[str]:
+    """The adapter-state keys a stage's update carries (``None``: all of them), of the LoRA factors ``factors``."""
+    return [k for k in keys if _trains(k, stage, factors)]
 
 
 def apply_strategy(model: nn.Module, strategy: str, lora: LoraSpec, seed: int, rank: int = 0):
