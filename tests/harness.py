@@ -21,6 +21,7 @@ from fedvlm.coordinator.cli import app as coord_app
 from fedvlm.coordinator.layout import FederationDir
 from fedvlm.security import signing
 from fedvlm.security.signing import UpdateManifest
+from fedvlm.security.tokens import TOKEN_PREFIX
 from fedvlm.wire.v1 import federation_pb2 as pb
 from fedvlm.wire.v1 import federation_pb2_grpc
 
@@ -94,8 +95,9 @@ class Coordinator:
 
     def token(self, name: str, ttl: str = "1h") -> str:
         port = self.enroll_address.rsplit(":", 1)[1] if self.enroll_address else "1"
-        return coord_cli("enroll", name, "--dir", str(self.fed.root), "--ttl", ttl,
-                         "--enroll-port", port).strip().splitlines()[-1]
+        output = coord_cli("enroll", name, "--dir", str(self.fed.root), "--ttl", ttl, "--enroll-port", port)
+        # the token's own line: the in-process run's output also holds whatever the daemon's threads logged meanwhile
+        return next(line for line in reversed(output.splitlines()) if line.startswith(TOKEN_PREFIX))
 
     def query(self, sql: str, args: tuple = ()) -> list:
         """Rows of a read-only query on the daemon's state.db (tests look at the stored rows themselves)."""
