@@ -1,25 +1,28 @@
 """Many sites against one coordinator: enrollment, heartbeats during upload bursts, round completion, daemon cost.
 
 A real `fedvlm-coord serve` daemon (tests/harness.py `Coordinator`) on 127.0.0.1 and N raw sites in this process,
-each with its own key, join token, real enrollment (CSR over the enrollment port) and its own mutual-TLS channel.
+each with its own key, join token, real enrollment (CSR over the enrollment port) and its own mutual-TLS channel;
+after enrollment the sites are driven from `--procs` load-generator processes (the sites split evenly), so that
+the measured latency is the coordinator's and not one Python process's, which drives hundreds of channels.
 Every site sends a heartbeat (a quick Poll, wait_s 0, as the agent's heartbeat thread does) every second; the answer
 is also how it learns its assignment. Run config: every site sampled (`clients_per_round = quorum = N`), `--rounds`
 rounds, no final evaluation. The first site to be told ACTION_INIT uploads the initial adapter (two 4x8 float32
 tensors); in each round every site uploads one small signed update (StartUpload + Upload) as soon as its heartbeat
-says TRAIN, from a pool of `--upload-threads` threads: the upload burst.
+says TRAIN, from a pool of `--upload-threads` threads (split over the processes): the upload burst.
 
 Reported: token issue and enrollment rates (sites/s), heartbeat latency p50/p99/max over the whole run and during
 the upload bursts only (round opened -> its last update accepted), each round's completion time (coordinator
 records: round opened -> global published), and the daemon's CPU seconds and peak RSS (/proc). Bounded: `--sites`
 (default 200; `--sites 1000` for the issue's target), `--timeout` seconds in all.
 
-    python bench/many_sites.py [--sites 200] [--rounds 2] [--threads 128] [--json PATH]
+    python bench/many_sites.py [--sites 200] [--rounds 2] [--threads 128] [--procs 4] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -126,6 +129,60 @@ class Site:
         self.uploaded.add(task.round)
 
 
+def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upload_threads: int, stop,
+                results) -> None:
+    """One load-generator process: heartbeats every second for its sites and their uploads, until `stop` is set;
+    then puts (latencies as (sent at, unix; seconds), errors) on `results`."""
+    from fedvlm.client.identity import StateDir
+    from fedvlm.wire.v1 import federation_pb2 as pb
+
+    sites = [Site(i, n, StateDir(sites_dir / n).load(), address) for i, n in names]
+    latencies: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    uploads = ThreadPoolExecutor(upload_threads)
+    errors: list[str] = []
+    ended = threading.Event()
+
+    def send_upload(site: Site, task) -> None:
+        try:
+            site.upload(task)
+        except Exception as exc:  # noqa: BLE001 - counted and shown; the run goes on
+            errors.append(f"{site.name} round {task.round}: {exc}")
+        finally:
+            site.in_flight = False
+
+    def on_answer(site: Site, sent_unix: float, sent: float, future) -> None:
+        seconds = time.perf_counter() - sent
+        if ended.is_set():  # calls still in flight when the run ended fail with the daemon: not counted
+            return
+        try:
+            task = future.result()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{site.name} heartbeat: {exc}")
+            return
+        with lock:
+            latencies.append((sent_unix, seconds))
+        site.latest = task
+        if task.action in (pb.ACTION_INIT, pb.ACTION_TRAIN) and task.round not in site.uploaded \
+                and not site.in_flight:
+            site.in_flight = True
+            uploads.submit(send_upload, site, task)
+
+    while not stop.is_set():
+        tick = time.perf_counter()
+        for site in sites:
+            sent_unix, sent = time.time(), time.perf_counter()
+            future = site.stub.Poll.future(pb.PollRequest(state=pb.CLIENT_STATE_IDLE), timeout=30)
+            future.add_done_callback(lambda f, s=site, u=sent_unix, t=sent: on_answer(s, u, t, f))
+        stop.wait(max(0.0, 1.0 - (time.perf_counter() - tick)))
+    ended.set()
+    uploads.shutdown(wait=True)
+    with lock:
+        results.put((latencies, errors))
+    for site in sites:
+        site.channel.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -136,15 +193,17 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=128, help="the daemon's `serve --threads`")
-    parser.add_argument("--upload-threads", type=int, default=32)
+    parser.add_argument("--upload-threads", type=int, default=32, help="in all, split over --procs")
+    parser.add_argument("--procs", type=int, default=4, help="load-generator processes the sites are spread over")
     parser.add_argument("--enroll-threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "fedvlm-bench" / "many_sites.json")
     args = parser.parse_args()
     if not 1 <= args.sites <= 2000:
         parser.error("--sites must be in 1..2000")
+    if not 1 <= args.procs <= args.sites:
+        parser.error("--procs must be in 1..--sites")
     from fedvlm.client.identity import StateDir
-    from fedvlm.wire.v1 import federation_pb2 as pb
     from tests.harness import Coordinator, coord_cli
 
     deadline = time.monotonic() + args.timeout
@@ -153,8 +212,9 @@ def main() -> None:
                         ("--threads", str(args.threads)))
     coord.start()
     meter = DaemonMeter(coord.proc.pid)
-    sites: list[Site] = []
-    stop = threading.Event()
+    stop = None
+    latencies: list[tuple[float, float]] = []  # (sent at, unix; seconds)
+    errors: list[str] = []
     try:
         port = coord.enroll_address.rsplit(":", 1)[1]
         names = [f"site-{i:04d}" for i in range(args.sites)]
@@ -165,86 +225,52 @@ def main() -> None:
         cpu_before = meter.cpu_seconds()
         started = time.perf_counter()
         with ThreadPoolExecutor(args.enroll_threads) as pool:
-            identities = list(pool.map(lambda n: StateDir(work / "sites" / n).enroll(coord.address, tokens[n]),
-                                       names))
+            list(pool.map(lambda n: StateDir(work / "sites" / n).enroll(coord.address, tokens[n]), names))
         enroll_s = time.perf_counter() - started
         enroll_cpu = meter.cpu_seconds() - cpu_before
-        sites = [Site(i, n, identity, coord.address) for i, (n, identity) in enumerate(zip(names, identities,
-                                                                                              strict=True))]
         print(f"{args.sites} sites: tokens {args.sites / token_s:.0f}/s, enrollment {args.sites / enroll_s:.0f}/s "
               f"(daemon CPU {enroll_cpu:.1f}s)", flush=True)
 
-        latencies: list[tuple[float, float]] = []  # (sent at, seconds)
-        lock = threading.Lock()
-        uploads = ThreadPoolExecutor(args.upload_threads)
-        errors: list[str] = []
-
-        def send_upload(site: Site, task) -> None:
-            try:
-                site.upload(task)
-            except Exception as exc:  # noqa: BLE001 - counted and shown; the run goes on
-                errors.append(f"{site.name} round {task.round}: {exc}")
-            finally:
-                site.in_flight = False
-
-        def on_answer(site: Site, sent: float, future) -> None:
-            seconds = time.perf_counter() - sent
-            if stop.is_set():  # calls still in flight when the run ended fail with the daemon: not counted
-                return
-            try:
-                task = future.result()
-            except Exception as exc:  # noqa: BLE001
-                errors.append(f"{site.name} heartbeat: {exc}")
-                return
-            with lock:
-                latencies.append((sent, seconds))
-            site.latest = task
-            if task.action in (pb.ACTION_INIT, pb.ACTION_TRAIN) and task.round not in site.uploaded \
-                    and not site.in_flight:
-                site.in_flight = True
-                uploads.submit(send_upload, site, task)
-
-        def heartbeats() -> None:
-            while not stop.is_set():
-                tick = time.perf_counter()
-                for site in sites:
-                    sent = time.perf_counter()
-                    future = site.stub.Poll.future(pb.PollRequest(state=pb.CLIENT_STATE_IDLE), timeout=30)
-                    future.add_done_callback(lambda f, s=site, t=sent: on_answer(s, t, f))
-                stop.wait(max(0.0, 1.0 - (time.perf_counter() - tick)))
-
+        spawn = multiprocessing.get_context("spawn")  # gRPC in the parent: no fork
+        stop, results = spawn.Event(), spawn.Queue()
+        indexed = list(enumerate(names))
+        per_proc_uploads = -(-args.upload_threads // args.procs)
+        drivers = [spawn.Process(target=drive_sites, daemon=True,
+                                 args=(indexed[k::args.procs], work / "sites", coord.address, per_proc_uploads,
+                                       stop, results)) for k in range(args.procs)]
         cpu_before = meter.cpu_seconds()
         run_started = time.perf_counter()
-        beat = threading.Thread(target=heartbeats, daemon=True)
-        beat.start()
+        for driver in drivers:
+            driver.start()
         done = False
         while time.monotonic() < deadline and not done:
             time.sleep(0.5)
             rows = coord.query("SELECT state FROM runs")
             done = bool(rows) and rows[0]["state"] == "done"
         stop.set()
-        beat.join(timeout=10)
-        uploads.shutdown(wait=True)
+        for _ in drivers:
+            part, part_errors = results.get(timeout=120)
+            latencies += part
+            errors += part_errors
+        for driver in drivers:
+            driver.join(timeout=10)
         run_s = time.perf_counter() - run_started
         run_cpu = meter.cpu_seconds() - cpu_before
         rounds = json.loads(coord_cli("rounds", "--dir", str(coord.fed.root), "--json"))
         last_accepted = {r["round"]: r["last"] for r in coord.query(
             "SELECT round, MAX(accepted_at) AS last FROM updates GROUP BY round")}
     finally:
-        stop.set()
+        if stop is not None:
+            stop.set()
         meter.stop()
         peak = meter.peak_rss_mib
         coord.kill()
-        for site in sites:
-            site.channel.close()
-    # Perf-counter times of the heartbeats, wall-clock times of the coordinator: one offset joins them.
-    offset = time.time() - time.perf_counter()
-    burst_windows = [(r["started_unix"] - offset, last_accepted[r["round"]] - offset) for r in rounds
+    burst_windows = [(r["started_unix"], last_accepted[r["round"]]) for r in rounds
                      if r["round"] >= 1 and r["round"] in last_accepted]  # round opened -> its last upload accepted
     in_burst = [s for t, s in latencies if any(a <= t <= b for a, b in burst_windows)]
     all_s = [s for _, s in latencies]
     result = {
-        "sites": args.sites, "rounds": args.rounds, "daemon_threads": args.threads, "done": done,
+        "sites": args.sites, "procs": args.procs, "rounds": args.rounds, "daemon_threads": args.threads, "done": done,
         "tokens_per_s": args.sites / token_s, "enrollments_per_s": args.sites / enroll_s,
         "heartbeats": len(all_s), "heartbeat_ms": {"p50": percentile(all_s, 0.5) * 1e3,
                                                    "p99": percentile(all_s, 0.99) * 1e3, "max": max(all_s) * 1e3},

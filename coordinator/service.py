@@ -57,6 +57,12 @@ def _peer_certificate(context: grpc.ServicerContext) -> x509.Certificate:
     return cert
 
 
+def _what_to_do(assignment: federation_pb2.Assignment) -> tuple:
+    """What a site acts on in an answer: a long-poll is answered when this changes (a WAIT that only moves to the
+    next round's "not sampled", or passes through a transition's intermediate state, keeps it held)."""
+    return assignment.action, assignment.run_id, assignment.task_spec_json, assignment.global_version.digest
+
+
 def _guarded(method: Callable) -> Callable:
     """Turn a Refused raised by a handler into a gRPC status with its message."""
 
@@ -90,10 +96,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         self.signer_cert_pem = signer_cert_pem
 
     def _client(self, context: grpc.ServicerContext) -> tuple[str, x509.Certificate]:
-        cert = _peer_certificate(context)
-        if pki.cert_role(cert) != "client":
-            raise Refused("PERMISSION_DENIED", "this service is for enrolled sites")
-        name = pki.cert_name(cert)
+        name, cert = self._site_certificate(context)
         client = self.state.client(name)
         if client is None or client.cert_fingerprint != pki.fingerprint(cert):
             raise Refused("PERMISSION_DENIED", f"certificate for {name!r} is not the one enrolled")
@@ -101,12 +104,23 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             raise Refused("PERMISSION_DENIED", f"client {name!r} has been revoked")
         return name, cert
 
+    @staticmethod
+    def _site_certificate(context: grpc.ServicerContext) -> tuple[str, x509.Certificate]:
+        cert = _peer_certificate(context)
+        if pki.cert_role(cert) != "client":
+            raise Refused("PERMISSION_DENIED", "this service is for enrolled sites")
+        return pki.cert_name(cert), cert
+
     @_guarded
     def Poll(self, request, context):
-        name, _ = self._client(context)
-        self.state.record_heartbeat(name, ACTIVITIES.get(request.state, Activity.IDLE), request.detail[:200],
-                                    request.bytes_done, request.bytes_total, request.run_id[:64],
-                                    max(0, request.step), max(0, request.steps_total))
+        name, cert = self._site_certificate(context)
+        # One statement checks the enrolled certificate and records the heartbeat; a refused caller changes nothing,
+        # and `_client` then says why.
+        if not self.state.record_heartbeat(name, ACTIVITIES.get(request.state, Activity.IDLE), request.detail[:200],
+                                           request.bytes_done, request.bytes_total, request.run_id[:64],
+                                           max(0, request.step), max(0, request.steps_total),
+                                           fingerprint=pki.fingerprint(cert)):
+            self._client(context)
         seen = self.changes.generation()  # before the answer is computed: a change after it is not missed
         assignment = self._assignment_for(name)
         if request.wait_s > 0 and assignment.action == Pb.ACTION_WAIT and self._waiting is not None \
@@ -119,15 +133,15 @@ class FederationService(federation_pb2_grpc.FederationServicer):
 
     def _wait_for_change(self, name: str, context: grpc.ServicerContext, first: federation_pb2.Assignment,
                          seen: int, wait_s: float) -> federation_pb2.Assignment:
-        """The long-poll: hold `first` (a WAIT) until the site's assignment differs, `wait_s` passes (capped at a
-        third of the heartbeat timeout: the site's next poll keeps it live) or the caller goes away. The driver's
-        transitions wake it at once; changes made by another process (the CLI's `run new`/`stop`, `revoke`, in the
-        database) are seen at the next recheck, every poll_interval, as a polling site saw them before."""
+        """The long-poll: hold `first` (a WAIT) until what the site acts on changes (`_what_to_do`), `wait_s` passes
+        (capped at a third of the heartbeat timeout: the site's next poll keeps it live) or the caller goes away.
+        The driver's transitions wake it at once; changes made by another process (the CLI's `run new`/`stop`,
+        `revoke`, in the database) are seen at the next recheck, every poll_interval, as a polling site saw them."""
         run = self.state.current_run()
         run_config = run.config if run else self.config.run
         end = time.monotonic() + min(wait_s, run_config.heartbeat_timeout / 3)
         current = first
-        while current == first and context.is_active():
+        while _what_to_do(current) == _what_to_do(first) and context.is_active():
             left = end - time.monotonic()
             if left <= 0:
                 break

@@ -210,3 +210,47 @@ def test_a_version_2_state_is_upgraded_to_3_with_the_secure_aggregation_tables(t
     assert [k.client for k in state.secagg_keys("r1", 2, 1)] == ["a"]
     with pytest.raises(TransitionRefused, match="not in secure-aggregation phase shares"):
         state.record_secagg_shares("r1", 2, 1, "a", {"a": b"x"})
+
+
+def test_a_heartbeat_with_a_fingerprint_is_recorded_only_for_that_enrolled_unrevoked_certificate():
+    clock = Clock()
+    state = State.in_memory(clock)
+    state.issue_token("a", "a", b"", clock() + 60)
+    state.enroll_client("a", "a", "fp-a")
+    assert not state.record_heartbeat("a", Activity.TRAINING, "x", 0, 0, fingerprint="fp-other")
+    assert not state.record_heartbeat("nobody", Activity.TRAINING, "x", 0, 0, fingerprint="fp-a")
+    assert state.client("a").last_seen is None  # a refused heartbeat changed nothing
+    assert state.record_heartbeat("a", Activity.TRAINING, "x", 0, 0, fingerprint="fp-a")
+    assert state.client("a").last_seen == clock()
+    state.revoke_client("a")
+    clock.advance(5)
+    assert not state.record_heartbeat("a", Activity.IDLE, "", 0, 0, fingerprint="fp-a")
+    assert state.client("a").last_seen == clock() - 5
+
+
+def test_reads_on_other_threads_do_not_wait_for_a_transition_in_progress(tmp_path):
+    import threading
+
+    state = State(tmp_path / "state.db")
+    state.issue_token("a", "a", b"", 1e12)
+    state.enroll_client("a", "a", "fp-a")
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def slow_transition():
+        with state._tx() as db:  # a transition that holds the writer (and its lock) until released
+            db.execute("UPDATE clients SET detail='uncommitted' WHERE name='a'")
+            inside.set()
+            release.wait()
+
+    writer = threading.Thread(target=slow_transition)
+    writer.start()
+    inside.wait()
+    reader = threading.Thread(target=lambda: seen.append(state.client("a").detail))
+    reader.start()
+    reader.join(timeout=30)
+    answered_while_held = not reader.is_alive()
+    release.set()
+    writer.join()
+    reader.join()
+    state.close()
+    assert answered_while_held and seen == [""]  # the committed state, not the transition's uncommitted write

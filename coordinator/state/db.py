@@ -147,7 +147,10 @@ def _canonical(entry: dict[str, Any]) -> str:
 
 
 class State:
-    """Thread-safe access to state.db (one connection guarded by a lock; WAL, synchronous=FULL).
+    """Thread-safe access to state.db (WAL, synchronous=FULL): transitions run on one writer connection guarded by
+    a lock; reads outside a transition run on a connection of the reading thread's own, so that a site's Poll
+    does not queue behind another thread's write (WAL readers see every committed transition and never block on
+    the writer). On `:memory:` and read-only opens, everything runs on the one connection.
 
     `clock` is the time every row is stamped with and every deadline and heartbeat is judged by (tests pass a
     fake one). A database whose schema version is newer than `SCHEMA_VERSION` is refused with `StateError`.
@@ -162,6 +165,9 @@ class State:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._local = threading.local()  # .in_tx: this thread is inside _tx; .reader: its read connection
+        self._readers: list[sqlite3.Connection] | None = None if readonly or path == ":memory:" else []
+        self._readers_lock = threading.Lock()  # not self._lock: a reader must not wait for a transition
         try:
             self._open(readonly)
         except sqlite3.DatabaseError as exc:
@@ -207,25 +213,51 @@ class State:
 
     def close(self) -> None:
         """Close the connection; the state is unusable afterwards."""
-        with self._lock:
+        with self._lock, self._readers_lock:
             self._db.close()
+            for reader in self._readers or ():
+                reader.close()
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One atomic transaction; rolled back on any exception."""
+    def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction; rolled back on any exception. Fsync'd at commit unless not `durable` (then it
+        is as atomic, and durable from the next durable commit on: the WAL is synced as a whole)."""
         with self._lock:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
+            self._local.in_tx = True
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._local.in_tx = False
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        if self._readers is None or getattr(self._local, "in_tx", False):  # a read inside a transition sees its writes
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        return self._reader().execute(sql, args).fetchall()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (opened on first use, closed by `close`)."""
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            reader.row_factory = sqlite3.Row
+            reader.execute("PRAGMA busy_timeout=10000")
+            reader.execute("PRAGMA query_only=1")
+            with self._readers_lock:
+                self._readers.append(reader)
+            self._local.reader = reader
+        return reader
 
     def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
         rows = self._all(sql, args)
@@ -311,13 +343,22 @@ class State:
         return [_client(row) for row in self._all("SELECT * FROM clients ORDER BY name")]
 
     def record_heartbeat(self, name: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int,
-                         run_id: str | None = None, step: int = 0, steps_total: int = 0) -> None:
-        """A site polled: what it is doing (for run `run_id`; training step k of n), and now as its last-seen time."""
-        with self._tx() as db:
-            db.execute("UPDATE clients SET state=?, detail=?, bytes_done=?, bytes_total=?, last_seen=?, run_id=?, "
-                       "step=?, steps_total=? WHERE name=?",
-                       (activity.value, detail, bytes_done, bytes_total, self.now(), run_id or None, step,
-                        steps_total, name))
+                         run_id: str | None = None, step: int = 0, steps_total: int = 0,
+                         fingerprint: str | None = None) -> bool:
+        """A site polled: what it is doing (for run `run_id`; training step k of n), and now as its last-seen time.
+        With `fingerprint`, only if the site is enrolled with that certificate and not revoked. True if recorded.
+
+        Not fsync'd on its own (one fsync per heartbeat bounded a coordinator's sites): the next durable
+        transition's fsync covers it. A killed coordinator loses none; a power loss may lose the last heartbeats,
+        i.e. last-seen times a few seconds old."""
+        where, args = "name=?", (name,)
+        if fingerprint is not None:
+            where, args = "name=? AND cert_fingerprint=? AND revoked=0", (name, fingerprint)
+        with self._tx(durable=False) as db:
+            return db.execute(f"UPDATE clients SET state=?, detail=?, bytes_done=?, bytes_total=?, last_seen=?, "
+                              f"run_id=?, step=?, steps_total=? WHERE {where}",
+                              (activity.value, detail, bytes_done, bytes_total, self.now(), run_id or None, step,
+                               steps_total, *args)).rowcount == 1
 
     def record_failure(self, name: str, reason: str, run_id: str | None) -> None:
         """Site `name`'s agent stopped on an error: it is failed, with its one-line `reason`, until it polls again."""
