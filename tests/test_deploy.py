@@ -133,10 +133,9 @@ class Jobs(dict[str, Future]):
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory) -> Jobs:
+def jobs(tmp_path_factory, digits) -> Jobs:
     """Every subprocess of this module, started at once (each pays the package's import time; 2 cores)."""
     tmp = tmp_path_factory.mktemp("deploy")
-    (tmp / "data").mkdir()
     client = console_script(exec_form(CLIENT_DOCKERFILE, "ENTRYPOINT")[0])
     coord = console_script(exec_form(COORD_DOCKERFILE, "ENTRYPOINT")[0])
     cmd = exec_form(COORD_DOCKERFILE, "CMD")
@@ -153,7 +152,7 @@ def jobs(tmp_path_factory) -> Jobs:
         "client without data": pool.submit(run, [client], tmp, FEDVLM_COORDINATOR="127.0.0.1:9",
                                            FEDVLM_DATA=str(tmp / "no-such-data")),
         "client bad token": pool.submit(run, [client], tmp, FEDVLM_COORDINATOR="127.0.0.1:9",
-                                        FEDVLM_DATA=str(tmp / "data"), FEDVLM_STATE=str(tmp / "site-state"),
+                                        FEDVLM_DATA=str(digits / "site_0"), FEDVLM_STATE=str(tmp / "site-state"),
                                         FEDVLM_JOIN_TOKEN="not-a-join-token"),
         "healthcheck": pool.submit(probe_live_coordinator, coord, fed),
     })
@@ -216,8 +215,8 @@ def test_client_image_environment_is_honoured(jobs):
     no_data = jobs["client without data"].result()
     assert no_data.returncode == 2, no_data.stderr
     assert f"--data {tmp / 'no-such-data'} is not a directory" in no_data.stderr
-    # FEDVLM_STATE and FEDVLM_JOIN_TOKEN: the state folder is created where the variable says, then the
-    # token is read and refused before any network traffic.
+    # FEDVLM_STATE and FEDVLM_JOIN_TOKEN: the state folder is created where the variable says, the (valid) data
+    # folder is checked, then the token is read and refused before any network traffic.
     bad_token = jobs["client bad token"].result()
     assert bad_token.returncode == 1, bad_token.stderr
     assert "invalid join token" in bad_token.stderr
