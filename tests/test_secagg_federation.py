@@ -285,7 +285,7 @@ def test_five_fedvlm_client_sites_give_the_plain_runs_global_also_when_two_are_k
                in (tmp_path / "secure" / f"site-{i}.log").read_text() for i in range(1, 6))
     # site-2 killed after its shares, site-4 after its masked upload: the survivors' weighted mean of the same updates
     killed_globals, killed_masked, _ = _real_run(tmp_path / "killed", site_dirs, cache, secure=True, quorum=3,
-                                                 deadline=240, kill=_kill_one_before_and_one_after_upload)
+                                                 deadline=120, kill=_kill_one_before_and_one_after_upload)
     survivors = ["site-1", "site-3", "site-4", "site-5"]
     assert sorted(killed_masked) == survivors
     total = sum(counts[n] for n in survivors)
