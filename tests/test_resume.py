@@ -60,7 +60,7 @@ def test_site_killed_mid_upload_resumes_from_the_stored_offset(tmp_path):
         site.send_signal(signal.SIGKILL)
         site.wait(timeout=30)
         stored = wait_for(lambda: coord.query("SELECT received, size FROM uploads WHERE round=1 AND received>0"),
-                          10, "the coordinator to checkpoint the cut upload")[0]
+                          60, "the coordinator to checkpoint the cut upload")[0]
         assert 0 < stored["received"] < stored["size"]
         assert coord.query("SELECT COUNT(*) AS n FROM updates WHERE round=1") == [{"n": 0}]
 
