@@ -22,7 +22,7 @@ class RunConfig:
     quorum: int = 3  # k of n accepted updates needed to aggregate at the deadline
     round_deadline: Duration = 600.0
     poll_interval: Duration = 1.0
-    heartbeat_timeout: Duration = 60.0  # a client silent for longer is offline and is not sampled
+    heartbeat_timeout: Duration = 60.0  # a client silent for longer is offline: not sampled, no round waits for it
     max_update_mb: float = 1024.0
     final_eval: bool = True  # after the last round, ask the sites to evaluate the final global
 
@@ -130,7 +130,7 @@ clients_per_round = 3      # sites sampled per round
 quorum = 3                 # accepted updates needed to aggregate when the deadline passes (k of n)
 round_deadline = "10m"     # a round closes at its deadline; late updates are refused
 poll_interval = "1s"
-heartbeat_timeout = "60s"
+heartbeat_timeout = "60s"  # a site silent this long is offline: not sampled, and no round waits for it
 max_update_mb = 1024       # larger updates are refused
 
 [limits]                   # what one site may send or hold (docs/operations.md, "Limits"); these are the defaults

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
@@ -52,6 +52,7 @@ class RoundDriver:
         self._wakeup = threading.Event()
         self._tick_lock = threading.Lock()
         self.secure = SecureRounds(state, blobs, federation_id)  # rounds of runs with secure_aggregation
+        self._started = state.now()  # heartbeats older than this daemon's start say nothing (see `gone`)
 
     def ensure_run(self) -> Run:
         """The current run, created from the config (federation.toml) on the federation's first start."""
@@ -80,6 +81,14 @@ class RoundDriver:
                     return
                 if self.on_change:
                     self.on_change()
+
+    def gone(self, sites: Collection[str], heartbeat_timeout: float) -> bool:
+        """True when every one of `sites` has been silent for `heartbeat_timeout` (dead or cut off: its agent
+        heartbeats while it trains and uploads), so a round need not wait for their deadline. Only once this daemon
+        has itself been up that long: after a restart the sites have not yet had the time to reach it."""
+        if not sites or self.state.now() - self._started < heartbeat_timeout:
+            return False
+        return not set(sites) & set(self.state.live_clients(heartbeat_timeout))
 
     # -- transitions -------------------------------------------------------------------------------------------
     def _step(self) -> bool:
@@ -137,21 +146,26 @@ class RoundDriver:
         if rnd.phase is not RoundPhase.TRAINING:
             return False
         if run.task.algorithm.secure_aggregation:  # its own sub-phases and deadlines (secagg_phase.py)
-            return self.secure.step(run, rnd, lambda survivors: self._aggregate(run, rnd, survivors))
+            return self.secure.step(run, rnd, lambda survivors: self._aggregate(run, rnd, survivors),
+                                    lambda sites: self.gone(sites, cfg.heartbeat_timeout))
         pending = [c for c, s in states.items() if s is AssignmentState.ASSIGNED]
         if accepted and not pending:
             self._aggregate(run, rnd, accepted)
             return True
         if self.state.now() < (rnd.deadline or 0):
-            return False
+            if not self.gone(pending, cfg.heartbeat_timeout):
+                return False
+            why = f"{', '.join(pending)} silent for {cfg.heartbeat_timeout:.0f}s"
+        else:
+            why = "deadline passed"
         if len(accepted) >= cfg.quorum:
             self.state.mark_late(run.run_id, run.round, pending)
-            log.info("round %d: deadline passed with %d/%d updates (quorum %d): aggregating", run.round,
+            log.info("round %d: %s with %d/%d updates (quorum %d): aggregating", run.round, why,
                      len(accepted), len(states), cfg.quorum)
             self._aggregate(run, rnd, accepted)
         else:
             self.state.reopen_round(run.run_id, run.round, pending)
-            log.warning("round %d: deadline passed with %d updates, quorum is %d: sampling again", run.round,
+            log.warning("round %d: %s with %d updates, quorum is %d: sampling again", run.round, why,
                         len(accepted), cfg.quorum)
         return True
 

@@ -6,7 +6,8 @@ attempt (the round's `attempt`), through
 
     keys    the sampled sites advertise signed public keys          (until all did, or heartbeat_timeout)
     shares  the advertised sites send encrypted shares to each other (until all did, or heartbeat_timeout)
-    masked  the sharers upload masked updates (Federation.Upload)     (until all did, or the round's deadline)
+    masked  the sharers upload masked updates (Federation.Upload)     (until all did, the round's deadline, or
+                                                                       the missing ones are all silent)
     unmask  the survivors (accepted uploads) reveal shares            (until all did, or heartbeat_timeout)
 
 and then the round driver aggregates: the masks come off the sum only (`unmasked_updates`). A sub-phase that times
@@ -95,9 +96,11 @@ class SecureRounds:
         self.blobs = blobs
         self.federation_id = federation_id
 
-    def step(self, run: Run, rnd: Round, aggregate: Callable[[list[str]], None]) -> bool:
+    def step(self, run: Run, rnd: Round, aggregate: Callable[[list[str]], None],
+             gone: Callable[[Sequence[str]], bool]) -> bool:
         """Make the transition the stored state allows now (`aggregate(survivors)` once the attempt can be
-        unmasked); False when there is nothing to do yet."""
+        unmasked; `gone(sites)`: those sites stopped heartbeating, RoundDriver.gone); False when there is nothing
+        to do yet."""
         cfg, now = run.config, self.state.now()
         key = (run.run_id, rnd.round, rnd.attempt)
         sampled = sorted(self.state.assignments(run.run_id, rnd.round))
@@ -118,8 +121,10 @@ class SecureRounds:
             return self._close(run, rnd, sa, sa.sites, sharers, need, SecAggPhase.MASKED, None,
                                expired=now > (sa.deadline or 0))
         if sa.phase is SecAggPhase.MASKED:
-            return self._close(run, rnd, sa, sa.sharers, _accepted(self.state, run, sa), need, SecAggPhase.UNMASK,
-                               now + cfg.heartbeat_timeout, expired=now > (rnd.deadline or 0))
+            accepted = _accepted(self.state, run, sa)
+            missing = sorted(set(sa.sharers) - set(accepted))
+            return self._close(run, rnd, sa, sa.sharers, accepted, need, SecAggPhase.UNMASK,
+                               now + cfg.heartbeat_timeout, expired=now > (rnd.deadline or 0) or gone(missing))
         if sa.phase is SecAggPhase.UNMASK:
             revealed = self.state.secagg_reveals(*key)
             expired = now > (sa.deadline or 0)

@@ -125,6 +125,41 @@ def test_the_deadline_with_a_quorum_aggregates_and_marks_the_rest_late(tmp_path)
     assert status == {"a": "idle", "b": "idle", "c": "idle"}
 
 
+def test_a_round_closes_before_its_deadline_once_its_pending_sites_stop_heartbeating(tmp_path):
+    coord = InProcessCoordinator(tmp_path, THREE)
+    coord.open_round_one()
+    coord.send("a", tensors(1.0))
+    coord.send("b", tensors(3.0))
+    half = THREE.heartbeat_timeout / 2
+    coord.clock.advance(half)
+    coord.heartbeat("a", "b")
+    coord.driver.tick()
+    assert coord.run.round == 1  # c has been silent for less than the heartbeat timeout: it may still upload
+    coord.clock.advance(half + 1)
+    coord.heartbeat("a", "b")
+    coord.driver.tick()
+    run = coord.run
+    assert run.round == 2 and coord.clock() < coord.state.round(run.run_id, 1).deadline
+    assert coord.state.assignment(run.run_id, 1, "c") is AssignmentState.LATE
+    assert torch.allclose(coord.global_tensors(1)["layer.lora_B.weight"], torch.full((3, 2), 2.0))
+
+
+def test_a_restarted_coordinator_gives_the_sites_a_heartbeat_timeout_to_reach_it(tmp_path):
+    """Sites cannot heartbeat while the coordinator is down: their stale last-seen times do not close the round."""
+    coord = InProcessCoordinator(tmp_path, THREE)
+    coord.open_round_one()
+    coord.send("a", tensors(1.0))
+    coord.send("b", tensors(3.0))
+    coord.clock.advance(THREE.heartbeat_timeout + 1)  # the coordinator was down that long
+    coord.driver = RoundDriver(coord.state, coord.blobs, coord.config, FEDERATION_ID, coord.server_key)
+    coord.driver.tick()
+    assert coord.run.round == 1
+    coord.heartbeat("a", "b")
+    coord.clock.advance(THREE.heartbeat_timeout + 1)
+    coord.driver.tick()
+    assert coord.run.round == 2  # c never came back
+
+
 def test_the_deadline_without_a_quorum_reopens_the_round_and_keeps_accepted_updates(tmp_path):
     coord = InProcessCoordinator(tmp_path, RunConfig(rounds=1, min_clients=3, clients_per_round=2, quorum=2,
                                                      round_deadline=100.0, final_eval=False),

@@ -24,7 +24,7 @@ from fedvlm.algorithms.secure_sum import site_delta
 from fedvlm.client.secagg import KeysDoNotVerify, RoundOver, SecureRound
 from fedvlm.coordinator.config import FederationConfig, RunConfig
 from fedvlm.coordinator.errors import Refused
-from fedvlm.coordinator.state import MetricsKind, RoundPhase, SecAggPhase
+from fedvlm.coordinator.state import AssignmentState, MetricsKind, RoundPhase, SecAggPhase
 from fedvlm.security import secagg
 from fedvlm.spec import SpecError, TaskSpec
 
@@ -68,10 +68,10 @@ def _coordinator(tmp_path, secure: bool = True, **algorithm) -> InProcessCoordin
 
 
 def _play(coord: InProcessCoordinator, stop_after: dict[str, str] | None = None, lost: tuple[str, ...] = (),
-          timeout: float = 30.0, errors: bool = False) -> dict[str, SiteThread]:
+          timeout: float = 30.0, errors: bool = False, silent: tuple[str, ...] = ()) -> dict[str, SiteThread]:
     """Every sampled site's secure round in a thread while the driver ticks; when nothing moves for a while the
-    clock goes forward (deadlines pass). `lost` sites are not started; returns the threads once round 1 is over
-    (a site's error fails the test unless `errors`)."""
+    clock goes forward (deadlines pass) and the started sites heartbeat, but for the `silent` ones. `lost` sites are
+    not started; returns the threads once round 1 is over (a site's error fails the test unless `errors`)."""
     stop_after = stop_after or {}
     config = coord.run.task.algorithm
     base = {n: t for n, t in coord.global_tensors(0).items()}
@@ -98,6 +98,7 @@ def _play(coord: InProcessCoordinator, stop_after: dict[str, str] | None = None,
             idle += 1
             if idle > 100:  # the live sites wait for the coordinator: let the current deadline pass
                 coord.clock.advance(20.0)
+                coord.heartbeat(*(n for n in threads if n not in silent))  # their agents heartbeat meanwhile
                 idle = 0
         else:
             idle = 0
@@ -172,6 +173,17 @@ def test_sites_lost_after_sharing_and_after_uploading_leave_the_round_to_the_sur
     _assert_close(coord.global_tensors(1), _plain_global(tmp_path, ["a", "c", "d", "e"]))
 
 
+def test_a_sharer_that_goes_silent_does_not_hold_the_masked_phase_until_the_round_deadline(tmp_path):
+    coord = _coordinator(tmp_path)
+    started = coord.clock()
+    threads = _play(coord, stop_after={"b": "join"}, silent=("b",))
+    assert threads["b"].done == ["join"]
+    sa = coord.state.secagg_round(coord.run.run_id, 1, 1)
+    assert (sa.survivors, sa.dropped) == (("a", "c", "d", "e"), ("b",))
+    assert coord.run.round == 2 and coord.clock() - started < RUN.round_deadline
+    _assert_close(coord.global_tensors(1), _plain_global(tmp_path, ["a", "c", "d", "e"]))
+
+
 @pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedadam"])
 def test_the_server_steps_with_state_take_the_plain_step_on_the_unmasked_mean(tmp_path, name):
     coord = _coordinator(tmp_path, name=name)
@@ -188,12 +200,11 @@ def test_below_the_threshold_the_attempt_is_abandoned_and_the_round_samples_agai
     sa = coord.state.secagg_round(run_id, 1, 1)
     assert sa.phase is SecAggPhase.ABANDONED and "3 of 5 sites completed phase masked" in sa.reason
     rnd = coord.state.round(run_id, 1)
-    assert (rnd.phase, rnd.attempt, coord.run.round) == (RoundPhase.WAITING, 2, 1)
-    assert coord.state.accepted_updates(run_id, 1) == [] and coord.state.assignments(run_id, 1) == {}
+    assert (rnd.phase, rnd.attempt, coord.run.round) == (RoundPhase.TRAINING, 2, 1)  # sampled afresh at once
+    assert coord.state.accepted_updates(run_id, 1) == []  # the attempt's masked updates are dropped
+    assert set(coord.state.assignments(run_id, 1).values()) == {AssignmentState.ASSIGNED}
     assert coord.state.global_version(run_id, 1) is None
-    coord.heartbeat()
-    coord.driver.tick()  # attempt 2 samples afresh and opens its own secure aggregation
-    coord.driver.tick()
+    coord.driver.tick()  # attempt 2 opens its own secure aggregation
     assert coord.state.secagg_round(run_id, 1, 2).phase is SecAggPhase.KEYS
 
 
