@@ -11,6 +11,7 @@ coordinator in test_algorithms_restart.py.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -56,37 +57,54 @@ CASES = {  # case: (rounds, [task.algorithm])
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache")
-    preset_dir("tiny-llava", path)  # built once for both runs
+    preset_dir("tiny-llava", path)  # built once for every run of the module
     return path
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_algorithm_runs_in_the_real_federation(tmp_path, cache, case):
+@contextmanager
+def federation(tmp_path, cache, rounds: int, algorithm: str, extra=lambda index: ()):
+    """Two digits sites (small local test splits: evaluation is not what is tested here) through a coordinator
+    daemon with `[task.algorithm]` = `algorithm`; yields the coordinator once both sites exited 0. `extra(i)`: more
+    `fedvlm-client` arguments for site i."""
     layout = build_digits(tmp_path / "data", sites=2, seed=0)
-    for site in layout.site_dirs:  # a small local test split: evaluation is not what is tested here
+    for site in layout.site_dirs:
         test = site / "test.json"
         test.write_text(json.dumps(json.loads(test.read_text())[:8]))
-    rounds, algorithm = CASES[case]
     coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=rounds, algorithm=algorithm))
     coord.start()
     clients = {}
     try:
-        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
+        clients = start_sites(coord, layout.site_dirs, tmp_path, cache, extra=extra)
         wait_sites_ok(clients, tmp_path)
+        yield coord
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                proc.kill()
+        coord.kill()
+
+
+def blob(coord, digest: str) -> dict[str, torch.Tensor]:
+    """The tensors of a stored update or global."""
+    return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_algorithm_runs_in_the_real_federation(tmp_path, cache, case):
+    rounds, algorithm = CASES[case]
+    with federation(tmp_path, cache, rounds, algorithm) as coord:
         assert [r["round"] for r in coord.query("SELECT round FROM globals ORDER BY round")] == list(range(rounds + 1))
         digest = coord.query("SELECT digest FROM globals WHERE round=?", (rounds,))[0]["digest"]
-        final = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
-        aux = [k for k in final if k.startswith("fedvlm.aux/")]
+        aux = [k for k in blob(coord, digest) if k.startswith("fedvlm.aux/")]
         status = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
         shown = {r["round"]: r for r in status["rounds"]}
         if case == "scaffold":
             assert aux and all(k.startswith("fedvlm.aux/scaffold.c/") for k in aux)
-            for name in clients:  # c_i of the last round (and the one before) kept in --state
+            for name in ("site-1", "site-2"):  # c_i of the last round (and the one before) kept in --state
                 kept = sorted(p.name for p in (tmp_path / "sites" / name / "algorithm").iterdir())
                 assert len(kept) == 2 and kept[-1].endswith(".r2.safetensors"), kept
             update = coord.query("SELECT digest FROM updates WHERE round=2 LIMIT 1")[0]["digest"]
-            sent = adapters.from_bytes(coord.fed.blobs.joinpath(update[:2], update).read_bytes())
-            assert any(k.startswith("fedvlm.aux/scaffold.dc/") for k in sent)
+            assert any(k.startswith("fedvlm.aux/scaffold.dc/") for k in blob(coord, update))
         else:
             assert not aux
             server = shown[1]["server_metrics"]
@@ -96,46 +114,26 @@ def test_algorithm_runs_in_the_real_federation(tmp_path, cache, case):
         coord_cli("export", "--dir", str(coord.fed.root), "--out", str(out))
         exported = adapters.from_bytes((out / "adapter_model.safetensors").read_bytes())
         assert not [k for k in exported if k.startswith("fedvlm.aux/")]
-    finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+
+
+def rank_four_second_site(index: int) -> tuple[str, ...]:
+    return ("--lora-rank", "4") if index == 1 else ()
 
 
 def test_sites_of_different_lora_ranks_with_exact_aggregation(tmp_path, cache):
     """lora_exact: a `fedvlm-client --lora-rank 4` next to a default-rank (8) site for one round; the initial
     adapter is built at the task's rank whichever site builds it, the rank-4 site uploads rank-4 factors and the
     global keeps rank 8."""
-    layout = build_digits(tmp_path / "data", sites=2, seed=0)
-    for site in layout.site_dirs:
-        test = site / "test.json"
-        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
-    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=1, algorithm="lora_exact = true"))
-    coord.start()
-    clients = {}
-    try:
-        clients = start_sites(coord, layout.site_dirs, tmp_path, cache,
-                              extra=lambda i: ("--lora-rank", "4") if i == 1 else ())
-        wait_sites_ok(clients, tmp_path)
+    def ranks(adapter):
+        return {v.shape[0] for k, v in adapter.items() if k.endswith("lora_A.weight")}
 
-        def tensors(digest):
-            return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
-
-        def ranks(adapter):
-            return {v.shape[0] for k, v in adapter.items() if k.endswith("lora_A.weight")}
-
+    with federation(tmp_path, cache, 1, "lora_exact = true", extra=rank_four_second_site) as coord:
         globals_ = coord.query("SELECT round, digest FROM globals ORDER BY round")
         assert [g["round"] for g in globals_] == [0, 1]
-        assert ranks(tensors(globals_[0]["digest"])) == {8} and ranks(tensors(globals_[1]["digest"])) == {8}
-        sent = {r["client"]: ranks(tensors(r["digest"]))
+        assert ranks(blob(coord, globals_[0]["digest"])) == {8} and ranks(blob(coord, globals_[1]["digest"])) == {8}
+        sent = {r["client"]: ranks(blob(coord, r["digest"]))
                 for r in coord.query("SELECT client, digest FROM updates WHERE round=1")}
         assert sent == {"site-1": {8}, "site-2": {4}}
-    finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
 
 
 def test_flora_with_sites_of_different_ranks_and_its_export(tmp_path, cache):
@@ -146,29 +144,15 @@ def test_flora_with_sites_of_different_ranks_and_its_export(tmp_path, cache):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    layout = build_digits(tmp_path / "data", sites=2, seed=0)
-    for site in layout.site_dirs:
-        test = site / "test.json"
-        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
-    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=2, algorithm='lora_aggregation = "flora"'))
-    coord.start()
-    clients = {}
-    try:
-        clients = start_sites(coord, layout.site_dirs, tmp_path, cache,
-                              extra=lambda i: ("--lora-rank", "4") if i == 1 else ())
-        wait_sites_ok(clients, tmp_path)
-
-        def tensors(digest):
-            return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
-
+    with federation(tmp_path, cache, 2, 'lora_aggregation = "flora"', extra=rank_four_second_site) as coord:
         digests = {g["round"]: g["digest"] for g in coord.query("SELECT round, digest FROM globals")}
-        first, last = tensors(digests[0]), tensors(digests[2])
+        first, last = blob(coord, digests[0]), blob(coord, digests[2])
         lora = [k for k in first if ".lora_" in k]
         assert lora and all(torch.equal(last[k], first[k]) for k in lora)  # the global's own LoRA: global 0's
         stack = {k: v for k, v in last.items() if k.startswith("fedvlm.aux/flora.")}
         ranks = {k: v.shape[0] for k, v in stack.items() if "flora.A/" in k}
         assert ranks and set(ranks.values()) == {24}  # (8 + 4) x 2 rounds, below min(out, in) of every layer
-        sent = {(r["client"], r["round"]): {v.shape[0] for k, v in tensors(r["digest"]).items()
+        sent = {(r["client"], r["round"]): {v.shape[0] for k, v in blob(coord, r["digest"]).items()
                                             if k.endswith("lora_A.weight")}
                 for r in coord.query("SELECT client, round, digest FROM updates WHERE round > 0")}
         assert sent == {("site-1", 1): {8}, ("site-2", 1): {4}, ("site-1", 2): {8}, ("site-2", 2): {4}}
@@ -185,28 +169,14 @@ def test_flora_with_sites_of_different_ranks_and_its_export(tmp_path, cache):
         scaling = config["lora_alpha"] / config["r"]
         assert config["rank_pattern"][module] == 24
         assert torch.allclose(merged, original + scaling * stack[b_key] @ stack[a_key], atol=1e-5)
-    finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
 
 
 def test_a_dp_budget_stops_the_run_and_status_says_why(tmp_path, cache):
     """dp_max_epsilon through real processes: sigma 2 spends 4.73 in round 1 and 7.08 after round 2 (every site in
     every round), so a budget of 5 lets one round of three run; the sites are told the run stopped and exit, and
     `fedvlm-coord status` shows why."""
-    layout = build_digits(tmp_path / "data", sites=2, seed=0)
-    for site in layout.site_dirs:
-        test = site / "test.json"
-        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
     algorithm = "clip_norm = 1.0\ndp_noise_multiplier = 2.0\ndp_max_epsilon = 5.0"
-    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=3, algorithm=algorithm))
-    coord.start()
-    clients = {}
-    try:
-        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
-        wait_sites_ok(clients, tmp_path)
+    with federation(tmp_path, cache, 3, algorithm) as coord:
         assert [r["round"] for r in coord.query("SELECT round FROM globals ORDER BY round")] == [0, 1]
         status = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
         assert status["run_state"] == "stopped"
@@ -215,39 +185,16 @@ def test_a_dp_budget_stops_the_run_and_status_says_why(tmp_path, cache):
         assert status["rounds"][1]["server_metrics"]["dp_epsilon"] == pytest.approx(4.7285, abs=1e-3)
         shown = coord_cli("status", "--dir", str(coord.fed.root))
         assert "stopped in round 2 of 3: privacy budget reached after round 1" in " ".join(shown.split())
-    finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
 
 
 def test_rolora_sends_b_then_a_through_intake(tmp_path, cache):
     """lora_aggregation = "rolora" through real processes: round 1's updates carry lora_B (and the connector) only,
     round 2's lora_A only; intake accepts both subsets, and each global changes only the factor of its round."""
-    layout = build_digits(tmp_path / "data", sites=2, seed=0)
-    for site in layout.site_dirs:
-        test = site / "test.json"
-        test.write_text(json.dumps(json.loads(test.read_text())[:8]))
-    coord = Coordinator(tmp_path / "coord", CONFIG.format(rounds=2, algorithm='lora_aggregation = "rolora"'))
-    coord.start()
-    clients = {}
-    try:
-        clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
-        wait_sites_ok(clients, tmp_path)
-
-        def tensors(digest):
-            return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
-
+    with federation(tmp_path, cache, 2, 'lora_aggregation = "rolora"') as coord:
         for row in coord.query("SELECT round, digest FROM updates WHERE round > 0"):
-            factors = {k.split(".lora_")[1][0] for k in tensors(row["digest"]) if ".lora_" in k}
+            factors = {k.split(".lora_")[1][0] for k in blob(coord, row["digest"]) if ".lora_" in k}
             assert factors == ({"B"} if row["round"] == 1 else {"A"}), row["round"]
-        g = {r["round"]: tensors(r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
+        g = {r["round"]: blob(coord, r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
         for number, frozen in ((1, "lora_A"), (2, "lora_B")):
             same = [k for k in g[0] if f".{frozen}." in k]
             assert same and all(torch.equal(g[number][k], g[number - 1][k]) for k in same), number
-    finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
