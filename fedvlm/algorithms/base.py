@@ -129,7 +129,7 @@ class Algorithm:
     def server_update(self, base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
                       state: Tensors) -> Tensors:
         """x' = x + d (in float64, returned in the base's dtype); may read and update `state` in place."""
-        return {n: (base[n].double() + d).to(base[n].dtype) for n, d in delta.items()}
+        return {n: torch.add(d.double(), base[n]).to(base[n].dtype) for n, d in delta.items()}  # no float64 base copy
 
     def server_aux(self, aux_mean: Mapping[str, torch.Tensor], num_updates: int, state: Tensors) -> Tensors:
         """Aux tensors published with the new global (none by default)."""

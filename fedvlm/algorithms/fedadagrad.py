@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from .fedopt import FedOpt, FedOptConfig
 from .registry import register
 
@@ -19,7 +21,7 @@ class FedAdagradConfig(FedOptConfig):
 
 class FedAdagrad(FedOpt):
     def second_moment(self, v, d):
-        return v + d.square()
+        return torch.addcmul(v, d, d)
 
 
 register(FedAdagradConfig, FedAdagrad)

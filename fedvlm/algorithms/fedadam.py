@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from .fedopt import FedOpt, FedOptConfig
 from .registry import register
 
@@ -19,7 +21,7 @@ class FedAdamConfig(FedOptConfig):
 
 class FedAdam(FedOpt):
     def second_moment(self, v, d):
-        return self.config.beta2 * v + (1 - self.config.beta2) * d.square()
+        return torch.mul(v, self.config.beta2).addcmul_(d, d, value=1 - self.config.beta2)
 
 
 register(FedAdamConfig, FedAdam)

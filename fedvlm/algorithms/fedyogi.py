@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from .fedopt import FedOpt, FedOptConfig
 from .registry import register
 
@@ -20,7 +22,8 @@ class FedYogiConfig(FedOptConfig):
 
 class FedYogi(FedOpt):
     def second_moment(self, v, d):
-        return v - (1 - self.config.beta2) * d.square() * (v - d.square()).sign()
+        square = d.square()
+        return torch.addcmul(v, square, torch.sub(v, square).sign_(), value=-(1 - self.config.beta2))
 
 
 register(FedYogiConfig, FedYogi)
