@@ -227,6 +227,25 @@ def test_stragglers_miss_the_round_deadline(tmp_path, cache):
     assert first.keys() == fresh.keys() and all(torch.equal(first[k], fresh[k]) for k in fresh)
 
 
+def test_a_privacy_budget_ends_a_trial_where_the_coordinator_would_stop_the_run(tmp_path, cache):
+    """sigma 2 with every site in every round spends epsilon 4.73 in round 1 and 7.08 after round 2: a budget of 5
+    lets one of three rounds run, and the trial's final metrics are global 1's (scored though eval_every skips it)."""
+    text = SWEEP.split("[grid]")[0].replace("seeds = [0, 1]", "seeds = [0]").replace("rounds = 2", "rounds = 3")
+    text = text.replace("[experiment]", "[task.algorithm]\nclip_norm = 1.0\ndp_noise_multiplier = 2.0\n"
+                                        "dp_max_epsilon = 5.0\n[experiment]") + "eval_every = 3\n"
+    run_study(expand_grid(_raw(text)), tmp_path)
+    trial = tmp_path / "trials" / "small" / "seed-0"
+    rounds = [json.loads(x) for x in (trial / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1]
+    assert rounds[0]["server_metrics"]["dp_epsilon"] == pytest.approx(4.7285, abs=1e-3)
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["stop_reason"].startswith("privacy budget reached after round 1: round 2 would spend epsilon 7.08")
+    assert "accuracy" in summary["final_metrics"]
+    from fedvlm.study.report import write_report
+
+    assert "- small seed 0: privacy budget reached after round 1" in write_report(tmp_path).read_text()
+
+
 def _fresh_global(raw: dict, out: Path, cache: Path) -> dict:
     """Global 0 of a trial with seed 3: what a run that never aggregates must end with."""
     from fedvlm.learner import Learner

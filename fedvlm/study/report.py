@@ -94,6 +94,11 @@ def write_report(out: Path) -> Path:
                _fmt([t["summary"]["bytes_down"] / 1e6 for t in done], 3),
                _fmt([t["summary"]["wall_seconds"] for t in done], 1)]
         lines.append("| " + " | ".join(row) + " |")
+    stopped = [t for t in trials if t["summary"].get("stop_reason")]
+    if stopped:
+        lines += ["", "## Stopped early", "", "These trials ended before their last round (as the coordinator "
+                  "stops a run); their final metrics are those of the last released global.", ""]
+        lines += [f"- {t['variant']} seed {t['seed']}: {t['summary']['stop_reason']}" for t in stopped]
     all_metrics = sorted(k for k in {k for t in trials for k in t["summary"]["final_metrics"]} - set(metrics)
                          if not k.endswith("num_examples"))  # the evaluation set's size, the same for all
     if all_metrics:

@@ -30,7 +30,7 @@ from pathlib import Path
 from fedvlm import adapters
 from fedvlm.algorithms import build
 from fedvlm.algorithms.base import ClientUpdate, Tensors, next_global, sample_clients, split_aux
-from fedvlm.algorithms.privacy import Sampling
+from fedvlm.algorithms.privacy import Sampling, budget_refusal
 from fedvlm.study.config import BenchConfig
 from fedvlm.study.data import SiteData
 
@@ -44,6 +44,7 @@ class TrialResult:
     bytes_up: int
     bytes_down: int
     seconds: float
+    stop_reason: str = ""  # why it ended before its last round (a dp_max_epsilon reached, as the coordinator says)
 
 
 def client_names(n: int) -> list[str]:
@@ -95,9 +96,19 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
     bytes_up = bytes_down = 0
     clock = 0.0  # the simulated clock (seconds): client steps x step_seconds, rounds closed at the deadline
     final: dict[str, float] = {}
+    scored = 0  # the round of the global `final` scores
+    stop_reason = ""
     try:
         for rnd in range(1, exp.rounds + 1):
             round_started = time.monotonic()
+            if exp.baseline == "federated":  # the coordinator's check before it draws a round (rounds.py)
+                stop_reason = budget_refusal(algorithm.config, server_state, sampling, rnd)
+                if stop_reason:
+                    if scored < rnd - 1:  # the trial ends with the last released global: its metrics are final
+                        tick(f"round {rnd - 1}/{exp.rounds}: evaluating")
+                        final = _evaluate(learner, exp.baseline, global_state, local_states, names, data.eval_json,
+                                          rnd - 1)
+                    break
             if exp.baseline == "centralized":
                 sampled = ["union"]
             elif exp.baseline == "local":
@@ -157,7 +168,7 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
             if evaluate:
                 tick(f"round {rnd}/{exp.rounds}: evaluating")
                 metrics = _evaluate(learner, exp.baseline, global_state, local_states, names, data.eval_json, rnd)
-                final = metrics
+                final, scored = metrics, rnd
             rounds_log.write(json.dumps({
                 "round": rnd, "sampled": sampled, "late": late, "aggregated": aggregated, "metrics": metrics,
                 "server_metrics": server_metrics, "bytes_up": round_up,
@@ -170,7 +181,7 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
         rounds_log.close()
         clients_log.close()
     tick("done")
-    return TrialResult(final, global_state, bytes_up, bytes_down, time.monotonic() - started)
+    return TrialResult(final, global_state, bytes_up, bytes_down, time.monotonic() - started, stop_reason)
 
 
 def _evaluate(learner, baseline: str, global_state: Tensors, local_states: dict[str, Tensors], names: list[str],

@@ -207,7 +207,7 @@ def run_one(trial: Trial, out: Path, progress: Progress | None = None, data_root
     summary = {"variant": trial.variant, "seed": trial.seed, "final_metrics": result.final_metrics,
                "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
                "wall_seconds": round(result.seconds, 3), "started_at": started, "finished_at": time.time(),
-               "sites": [str(s) for s in data.sites]}
+               "sites": [str(s) for s in data.sites], "stop_reason": result.stop_reason}
     from fedvlm import adapters
 
     (folder / "global.safetensors").write_bytes(adapters.to_bytes(result.global_state))
