@@ -112,6 +112,10 @@ class Coordinator:
     def count(self, table: str) -> int:
         return self.query(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
 
+    def blob(self, digest: str) -> dict[str, torch.Tensor]:
+        """The tensors of a stored update or global, read from the daemon's blob store."""
+        return adapters.from_bytes(self.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+
 
 class RawSite:
     """A site speaking the wire protocol directly (real enrollment, real mTLS), for protocol tests."""

@@ -84,18 +84,13 @@ def federation(tmp_path, cache, rounds: int, algorithm: str, extra=lambda index:
         coord.kill()
 
 
-def blob(coord, digest: str) -> dict[str, torch.Tensor]:
-    """The tensors of a stored update or global."""
-    return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_algorithm_runs_in_the_real_federation(tmp_path, cache, case):
     rounds, algorithm = CASES[case]
     with federation(tmp_path, cache, rounds, algorithm) as coord:
         assert [r["round"] for r in coord.query("SELECT round FROM globals ORDER BY round")] == list(range(rounds + 1))
         digest = coord.query("SELECT digest FROM globals WHERE round=?", (rounds,))[0]["digest"]
-        aux = [k for k in blob(coord, digest) if k.startswith("fedvlm.aux/")]
+        aux = [k for k in coord.blob(digest) if k.startswith("fedvlm.aux/")]
         status = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
         shown = {r["round"]: r for r in status["rounds"]}
         if case == "scaffold":
@@ -104,7 +99,7 @@ def test_algorithm_runs_in_the_real_federation(tmp_path, cache, case):
                 kept = sorted(p.name for p in (tmp_path / "sites" / name / "algorithm").iterdir())
                 assert len(kept) == 2 and kept[-1].endswith(".r2.safetensors"), kept
             update = coord.query("SELECT digest FROM updates WHERE round=2 LIMIT 1")[0]["digest"]
-            assert any(k.startswith("fedvlm.aux/scaffold.dc/") for k in blob(coord, update))
+            assert any(k.startswith("fedvlm.aux/scaffold.dc/") for k in coord.blob(update))
         else:
             assert not aux
             server = shown[1]["server_metrics"]
@@ -130,8 +125,8 @@ def test_sites_of_different_lora_ranks_with_exact_aggregation(tmp_path, cache):
     with federation(tmp_path, cache, 1, "lora_exact = true", extra=rank_four_second_site) as coord:
         globals_ = coord.query("SELECT round, digest FROM globals ORDER BY round")
         assert [g["round"] for g in globals_] == [0, 1]
-        assert ranks(blob(coord, globals_[0]["digest"])) == {8} and ranks(blob(coord, globals_[1]["digest"])) == {8}
-        sent = {r["client"]: ranks(blob(coord, r["digest"]))
+        assert ranks(coord.blob(globals_[0]["digest"])) == {8} and ranks(coord.blob(globals_[1]["digest"])) == {8}
+        sent = {r["client"]: ranks(coord.blob(r["digest"]))
                 for r in coord.query("SELECT client, digest FROM updates WHERE round=1")}
         assert sent == {"site-1": {8}, "site-2": {4}}
 
@@ -146,13 +141,13 @@ def test_flora_with_sites_of_different_ranks_and_its_export(tmp_path, cache):
 
     with federation(tmp_path, cache, 2, 'lora_aggregation = "flora"', extra=rank_four_second_site) as coord:
         digests = {g["round"]: g["digest"] for g in coord.query("SELECT round, digest FROM globals")}
-        first, last = blob(coord, digests[0]), blob(coord, digests[2])
+        first, last = coord.blob(digests[0]), coord.blob(digests[2])
         lora = [k for k in first if ".lora_" in k]
         assert lora and all(torch.equal(last[k], first[k]) for k in lora)  # the global's own LoRA: global 0's
         stack = {k: v for k, v in last.items() if k.startswith("fedvlm.aux/flora.")}
         ranks = {k: v.shape[0] for k, v in stack.items() if "flora.A/" in k}
         assert ranks and set(ranks.values()) == {24}  # (8 + 4) x 2 rounds, below min(out, in) of every layer
-        sent = {(r["client"], r["round"]): {v.shape[0] for k, v in blob(coord, r["digest"]).items()
+        sent = {(r["client"], r["round"]): {v.shape[0] for k, v in coord.blob(r["digest"]).items()
                                             if k.endswith("lora_A.weight")}
                 for r in coord.query("SELECT client, round, digest FROM updates WHERE round > 0")}
         assert sent == {("site-1", 1): {8}, ("site-2", 1): {4}, ("site-1", 2): {8}, ("site-2", 2): {4}}
@@ -192,9 +187,9 @@ def test_rolora_sends_b_then_a_through_intake(tmp_path, cache):
     round 2's lora_A only; intake accepts both subsets, and each global changes only the factor of its round."""
     with federation(tmp_path, cache, 2, 'lora_aggregation = "rolora"') as coord:
         for row in coord.query("SELECT round, digest FROM updates WHERE round > 0"):
-            factors = {k.split(".lora_")[1][0] for k in blob(coord, row["digest"]) if ".lora_" in k}
+            factors = {k.split(".lora_")[1][0] for k in coord.blob(row["digest"]) if ".lora_" in k}
             assert factors == ({"B"} if row["round"] == 1 else {"A"}), row["round"]
-        g = {r["round"]: blob(coord, r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
+        g = {r["round"]: coord.blob(r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
         for number, frozen in ((1, "lora_A"), (2, "lora_B")):
             same = [k for k in g[0] if f".{frozen}." in k]
             assert same and all(torch.equal(g[number][k], g[number - 1][k]) for k in same), number

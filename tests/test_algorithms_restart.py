@@ -100,7 +100,7 @@ def run_federation(root, name: str, kills: set[tuple[str, int]], checks: bool = 
                 coord.kill()
                 coord.start()
         digest = coord.query("SELECT digest FROM globals WHERE round=3")[0]["digest"]
-        final = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+        final = coord.blob(digest)
         if checks:
             out = root / "export"
             coord_cli("export", "--dir", str(coord.fed.root), "--round", "3", "--out", str(out))

@@ -298,9 +298,9 @@ def test_in_process_round_equals_the_real_federation(tmp_path, cache):
         clients = start_sites(coord, layout.site_dirs, tmp_path, cache)
         wait_sites_ok(clients, tmp_path)
         digest = coord.query("SELECT digest FROM globals WHERE round=1")[0]["digest"]
-        real, _ = split_aux(adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes()))
+        real, _ = split_aux(coord.blob(digest))
         digest0 = coord.query("SELECT digest FROM globals WHERE round=0")[0]["digest"]
-        real0, _ = split_aux(adapters.from_bytes(coord.fed.blobs.joinpath(digest0[:2], digest0).read_bytes()))
+        real0, _ = split_aux(coord.blob(digest0))
     finally:
         for proc in clients.values():
             if proc.poll() is None:

@@ -63,7 +63,7 @@ def _raw(text: str) -> dict:
 
 def _global(coord: Coordinator, round_index: int) -> dict[str, torch.Tensor]:
     digest = coord.query("SELECT digest FROM globals WHERE round=?", (round_index,))[0]["digest"]
-    return split_aux(adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes()))[0]
+    return split_aux(coord.blob(digest))[0]
 
 
 @pytest.mark.slow

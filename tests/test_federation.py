@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedvlm import adapters
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
@@ -171,7 +170,7 @@ def global_learner(run, number: int):
     task = TaskSpec.from_json(coord.query("SELECT task_json FROM runs")[0]["task_json"])
     digest = coord.query("SELECT digest FROM globals WHERE round=?", (number,))[0]["digest"]
     learner = Learner(task, run["layout"].site_dirs[0], cache_dir=run["cache"])
-    learner.load_adapter_state(adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes()))
+    learner.load_adapter_state(coord.blob(digest))
     return learner
 
 

@@ -79,10 +79,6 @@ def _count(name: str) -> int:
     return 10 + 7 * (ord(name[-1]) - ord("a"))
 
 
-def _blob(coord: Coordinator, digest: str) -> dict[str, torch.Tensor]:
-    return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
-
-
 class _Federation:
     """A daemon with protocol sites `names`, through the initial adapter to round 1's training assignments."""
 
@@ -94,7 +90,7 @@ class _Federation:
         data = tensors_bytes(_initial(), {adapters.ADAPTER_CONFIG_METADATA: json.dumps({"peft_type": "LORA"})})
         self.sites[names[0]].send(self.sites[names[0]].manifest(first, data), data)
         self.tasks = wait_for(self._all_training, 60, "round 1's assignments")
-        self.base = _blob(self.coord, self.tasks[names[0]].global_version.digest)
+        self.base = self.coord.blob(self.tasks[names[0]].global_version.digest)
         self.config = algorithm_config("fedavg", secure_aggregation=True)
 
     def _all_training(self):
@@ -150,7 +146,7 @@ def test_dropouts_and_a_coordinator_restart_mid_round_leave_the_round_to_the_sur
         expected = {k: (fed.base[k].double() + sum(_count(n) * (_update(n, fed.base)[k].double() - fed.base[k].double())
                                                    for n in survivors) / total).float() for k in SHAPES}
         digest = coord.query("SELECT digest FROM globals WHERE round=1")[0]["digest"]
-        result = _blob(coord, digest)
+        result = coord.blob(digest)
         for k in SHAPES:
             torch.testing.assert_close(result[k], expected[k], rtol=0, atol=1e-6)
         reveals = [r["reveal_json"] for r in coord.query("SELECT reveal_json FROM secagg_reveals")]
@@ -159,7 +155,7 @@ def test_dropouts_and_a_coordinator_restart_mid_round_leave_the_round_to_the_sur
             name = update["client"]
             plain = secagg.encode({k: (v.double() - fed.base[k].double()).numpy()
                                    for k, v in _update(name, fed.base).items()}, _count(name))
-            assert_not_recoverable(_blob(coord, update["digest"]), plain, name, reveals, 3)
+            assert_not_recoverable(coord.blob(update["digest"]), plain, name, reveals, 3)
         # the intake's refusals hold for masked updates: a replayed manifest, another site's signature, a late one
         site, task = fed.sites["a"], fed.tasks["a"]
         stored = coord.query("SELECT manifest_json, signature FROM updates WHERE client='a'")[0]
@@ -245,9 +241,9 @@ def _real_run(root, site_dirs, cache, secure: bool, quorum: int = 5, kill=None):
         wait_sites_ok({n: p for n, p in clients.items() if n not in killed}, root, timeout=600)
         digests = {r["round"]: r["digest"] for r in coord.query("SELECT round, digest FROM globals")}
         rows = coord.query("SELECT client, digest, num_examples FROM updates WHERE round=1")
-        updates = {r["client"]: _blob(coord, r["digest"]) for r in rows}
+        updates = {r["client"]: coord.blob(r["digest"]) for r in rows}
         (times,) = coord.query("SELECT started_at, finished_at FROM rounds WHERE round=1")
-        return ({n: _blob(coord, d) for n, d in digests.items()}, updates,
+        return ({n: coord.blob(d) for n, d in digests.items()}, updates,
                 {r["client"]: r["num_examples"] for r in rows}, times["finished_at"] - times["started_at"])
     finally:
         for proc in clients.values():

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 
-from fedvlm import adapters
 from fedvlm.vlm import zoo
 
 from .harness import Coordinator, coord_cli, small_sites, start_sites, wait_sites_ok
@@ -64,7 +63,7 @@ def test_family_trains_in_a_real_federation(family, digits, tmp_path):
     out = tmp_path / "adapter"
     coord_cli("export", "--dir", str(coord.fed.root), "--round", "1", "--out", str(out))
     digest = coord.query("SELECT digest FROM globals WHERE round=1")[0]["digest"]
-    final = adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
+    final = coord.blob(digest)
     base = AutoModelForImageTextToText.from_pretrained(json.loads((out / "adapter_config.json").read_text())
                                                        ["base_model_name_or_path"])
     loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, out))

@@ -10,8 +10,6 @@ import shutil
 import pytest
 import torch
 
-from fedvlm import adapters
-
 from .harness import Coordinator, coord_cli, start_sites, wait_for
 
 # Real processes (a coordinator daemon, sites): the slow half of `make test`.
@@ -74,15 +72,11 @@ def run(tmp_path_factory):
         coord.kill()
 
 
-def _blob(coord, digest: str) -> dict[str, torch.Tensor]:
-    return adapters.from_bytes(coord.fed.blobs.joinpath(digest[:2], digest).read_bytes())
-
-
 def test_two_stage_updates_and_globals_through_the_coordinator(run, tmp_path):
     coord = run["coord"]
     for name, proc in run["clients"].items():
         assert proc.returncode == 0, (run["root"] / f"{name}.log").read_text()[-3000:]
-    globals_ = {r["round"]: _blob(coord, r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
+    globals_ = {r["round"]: coord.blob(r["digest"]) for r in coord.query("SELECT round, digest FROM globals")}
     assert sorted(globals_) == [0, 1, 2, 3]
     initial = globals_[0]
     connector = {k for k in initial if ".lora_" not in k}
@@ -92,7 +86,7 @@ def test_two_stage_updates_and_globals_through_the_coordinator(run, tmp_path):
         rows = coord.query("SELECT digest FROM updates WHERE round=?", (rnd,))
         assert len(rows) == 2
         for row in rows:
-            assert set(_blob(coord, row["digest"])) == expected, f"round {rnd}"
+            assert set(coord.blob(row["digest"])) == expected, f"round {rnd}"
     assert set(globals_[3]) == set(initial)
     assert all(not torch.equal(globals_[1][k], initial[k]) for k in connector)
     assert all(torch.equal(globals_[3][k], globals_[1][k]) for k in connector), "stage 2 moved the connector"
