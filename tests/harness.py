@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -191,6 +192,14 @@ def wait_sites_ok(clients: dict[str, subprocess.Popen], root: Path, timeout: flo
     wait_for(lambda: all(p.poll() is not None for p in clients.values()), timeout, "the sites to finish")
     for name, proc in clients.items():
         assert proc.returncode == 0, (root / f"{name}.log").read_text()[-3000:]
+
+
+def shut_down(coord: Coordinator, procs: Iterable[subprocess.Popen | None], sig: int = signal.SIGKILL) -> None:
+    """A process test's clean-up: kill every site process still running, then stop the coordinator with `sig`."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+    coord.kill(sig)
 
 
 def small_sites(digits: Path, root: Path, count: int, train: int, test: int) -> list[Path]:

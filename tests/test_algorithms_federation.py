@@ -21,7 +21,7 @@ from fedvlm.algorithms.aggregation import dp_epsilon
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import Coordinator, coord_cli, start_sites, wait_sites_ok
+from .harness import Coordinator, coord_cli, shut_down, start_sites, wait_sites_ok
 
 # Real processes (a coordinator daemon, sites): the slow half of `make test`.
 pytestmark = pytest.mark.slow
@@ -78,10 +78,7 @@ def federation(tmp_path, cache, rounds: int, algorithm: str, extra=lambda index:
         wait_sites_ok(clients, tmp_path)
         yield coord
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+        shut_down(coord, clients.values())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -15,7 +15,7 @@ from fedvlm.learner import BaseModelMismatch, Learner
 from fedvlm.spec import TaskSpec
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import Coordinator, small_sites, start_site, wait_for
+from .harness import Coordinator, shut_down, small_sites, start_site, wait_for
 from .inprocess import InProcessCoordinator, tensors
 
 
@@ -98,7 +98,4 @@ def test_a_site_whose_base_differs_stops_before_it_trains(digits, tmp_path):
         assert "differs from the run's" in log and "Traceback" not in log
         assert not coord.query("SELECT 1 FROM updates WHERE client='site-2'")
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+        shut_down(coord, procs)

@@ -20,7 +20,7 @@ from fedvlm.study.config import BenchConfig, expand_grid, load_config
 from fedvlm.study.sweep import run_study, trials_of
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import Coordinator, start_sites, wait_sites_ok
+from .harness import Coordinator, shut_down, start_sites, wait_sites_ok
 
 TASK = """
 [task]
@@ -302,10 +302,7 @@ def test_in_process_round_equals_the_real_federation(tmp_path, cache):
         digest0 = coord.query("SELECT digest FROM globals WHERE round=0")[0]["digest"]
         real0, _ = split_aux(coord.blob(digest0))
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+        shut_down(coord, clients.values())
 
     text = TASK + """
 [task.algorithm]

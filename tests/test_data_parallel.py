@@ -19,7 +19,7 @@ from fedvlm.study.config import expand_grid
 from fedvlm.study.sweep import run_study
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import Coordinator, start_sites, wait_sites_ok
+from .harness import Coordinator, shut_down, start_sites, wait_sites_ok
 
 # Dropout off: the two processes draw their own masks, which no single process could reproduce. One optimizer step
 # takes 8 examples: 2 forward passes of 4 in one process, one pass of 4 on each of 2 processes.
@@ -91,10 +91,7 @@ def test_a_two_process_site_sends_one_update_per_round_equal_to_one_process(tmp_
         nonces = coord.count("nonces")  # one per signed update the coordinator saw
         clients_seen = [row["name"] for row in coord.query("SELECT name FROM clients")]
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+        shut_down(coord, clients.values())
 
     assert sorted(clients_seen) == ["site-1", "site-2"]  # rank 1 never talked to the coordinator
     assert sorted(u for u in updates if u[0] > 0) == [(r, c) for r in (1, 2) for c in ("site-1", "site-2")]

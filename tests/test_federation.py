@@ -24,7 +24,7 @@ import torch
 from fedvlm.data.digits import build_digits
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import BIN, Coordinator, coord_cli, env_for_subprocess, start_sites, wait_for
+from .harness import BIN, Coordinator, coord_cli, env_for_subprocess, shut_down, start_sites, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,10 +86,7 @@ def run(tmp_path_factory):
         yield {"coord": coord, "clients": clients, "root": root, "cache": cache, "layout": layout,
                "before_kill": before_kill, "status_mid_round": status_mid_round, "observed": observed}
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill(signal.SIGTERM)
+        shut_down(coord, clients.values(), signal.SIGTERM)
 
 
 class Observations:

@@ -35,6 +35,7 @@ from .harness import (
     RawSite,
     coord_cli,
     rpc_code,
+    shut_down,
     small_sites,
     start_sites,
     tensors_bytes,
@@ -246,10 +247,7 @@ def _real_run(root, site_dirs, cache, secure: bool, quorum: int = 5, kill=None):
         return ({n: coord.blob(d) for n, d in digests.items()}, updates,
                 {r["client"]: r["num_examples"] for r in rows}, times["finished_at"] - times["started_at"])
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+        shut_down(coord, clients.values())
 
 
 def _kill_one_before_and_one_after_upload(coord, clients) -> set[str]:

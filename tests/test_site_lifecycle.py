@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from .harness import Coordinator, coord_cli, small_sites, start_site, wait_for
+from .harness import Coordinator, coord_cli, shut_down, small_sites, start_site, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,4 @@ def test_a_kept_running_site_joins_the_next_run_and_a_crashed_one_is_reported(tm
         assert "site site-2 stopped on an error: --lora-rank 4" in coord.log.read_text()
         assert "failed" in coord_cli("status", "--dir", d)  # the reason is in the table's note column too
     finally:
-        for proc in (keeper, crasher):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-        coord.kill(signal.SIGTERM)
+        shut_down(coord, (keeper, crasher), signal.SIGTERM)

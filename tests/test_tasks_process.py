@@ -14,7 +14,7 @@ import pytest
 from fedvlm.data.builtin import build_dataset
 from fedvlm.vlm.presets import preset_dir
 
-from .harness import Coordinator, coord_cli, start_sites, wait_sites_ok
+from .harness import Coordinator, coord_cli, shut_down, start_sites, wait_sites_ok
 
 CONFIG = """
 name = "grounding-fed"
@@ -61,7 +61,4 @@ def test_grounding_run_reports_miou_per_round(tmp_path):
         status = coord_cli("status", "--dir", str(coord.fed.root))
         assert "miou=" in status
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill(signal.SIGTERM)
+        shut_down(coord, clients.values(), signal.SIGTERM)

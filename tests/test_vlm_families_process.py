@@ -12,7 +12,7 @@ import torch
 
 from fedvlm.vlm import zoo
 
-from .harness import Coordinator, coord_cli, small_sites, start_sites, wait_sites_ok
+from .harness import Coordinator, coord_cli, shut_down, small_sites, start_sites, wait_sites_ok
 
 CONFIG = """
 name = "it-families"
@@ -50,10 +50,7 @@ def test_family_trains_in_a_real_federation(family, digits, tmp_path):
         clients = start_sites(coord, sites, tmp_path, tmp_path / "cache")
         wait_sites_ok(clients, tmp_path, timeout=300)
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+        shut_down(coord, clients.values())
     assert [r["round"] for r in coord.query("SELECT round FROM globals ORDER BY round")] == [0, 1]
     assert len(coord.query("SELECT digest FROM updates WHERE round=1")) == 2
     evaluated = coord.query("SELECT round, client FROM metrics WHERE kind='eval' ORDER BY round, client")

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from .harness import Coordinator, coord_cli, start_sites, wait_for
+from .harness import Coordinator, coord_cli, shut_down, start_sites, wait_for
 
 # Real processes (a coordinator daemon, sites): the slow half of `make test`.
 pytestmark = pytest.mark.slow
@@ -66,10 +66,7 @@ def run(tmp_path_factory):
         wait_for(lambda: all(p.poll() is not None for p in clients.values()), 300, "both sites to finish")
         yield {"coord": coord, "clients": clients, "root": root, "sites": sites, "model": model}
     finally:
-        for proc in clients.values():
-            if proc.poll() is None:
-                proc.kill()
-        coord.kill()
+        shut_down(coord, clients.values())
 
 
 def test_two_stage_updates_and_globals_through_the_coordinator(run, tmp_path):
