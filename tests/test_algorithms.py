@@ -243,10 +243,11 @@ def _reference_mean(base, updates, clip_norm=0.0):
     return {n: v.div_(total) for n, v in acc.items()}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float32 and bf16-trained updates
 @pytest.mark.parametrize("clip_norm", [0.0, 5.0])
-def test_streaming_mean_is_bit_identical_to_one_float64_delta_per_tensor(clip_norm):
-    """Random float32 data over many magnitudes (and zeros of both signs), tensors smaller and larger than a chunk,
-    a scalar and an empty one, weights that are not powers of two."""
+def test_streaming_mean_is_bit_identical_to_one_float64_delta_per_tensor(clip_norm, dtype):
+    """Random data over many magnitudes (and zeros of both signs), tensors smaller and larger than a chunk, a scalar
+    and an empty one, weights that are not powers of two."""
     g = torch.Generator().manual_seed(11)
     shapes = {"big": (3, aggregation._Scratch.CHUNK + 123), "small": (7, 5), "scalar": (), "empty": (0, 4)}
 
@@ -254,7 +255,7 @@ def test_streaming_mean_is_bit_identical_to_one_float64_delta_per_tensor(clip_no
         values = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 6)
         if values.numel():
             values.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-38, -3e38])[:values.numel()]
-        return values
+        return values.to(dtype)
 
     base = {n: draw(s) for n, s in shapes.items()}
     ups = updates_of(*[(w, {n: draw(s) for n, s in shapes.items()}) for w in (3, 17, 1, 250, 9)])
