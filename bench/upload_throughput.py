@@ -12,7 +12,7 @@ UploadChunk frames (1 MiB, read from the same file through the same channel cred
 decomposition baselines reuse it: + append to a file, + fsync every CHECKPOINT_BYTES.
 
 Each repeat runs raw and product back to back, in alternating order, then the decomposition baselines. Reported:
-medians, the ratio product/raw of throughputs (target >= 0.8) and the ratio per repeat, CPU seconds of client and
+medians, the ratio product/raw of throughputs (target >= 0.9) and the ratio per repeat, CPU seconds of client and
 server, and the server-side phases timed in-process on the same file (real Intake/adapters code, no network).
 
     python bench/upload_throughput.py [--size-mb 256] [--repeats 3] [--json PATH] [--plot PATH] [--workdir DIR]
@@ -38,7 +38,7 @@ from pathlib import Path
 from machine import machine_info  # bench/machine.py (scripts run from bench/)
 
 REPO = Path(__file__).resolve().parent.parent
-TARGET_RATIO = 0.8
+TARGET_RATIO = 0.9  # issue 12
 MB = 1e6  # throughput unit: 10^6 bytes per second
 RAW_MODES = ("raw", "raw+write", "raw+write+fsync")
 
