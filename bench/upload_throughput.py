@@ -16,6 +16,7 @@ medians, the ratio product/raw of throughputs (target >= 0.9) and the ratio per 
 server, and the server-side phases timed in-process on the same file (real Intake/adapters code, no network).
 
     python bench/upload_throughput.py [--size-mb 256] [--repeats 3] [--json PATH] [--plot PATH] [--workdir DIR]
+                                      [--split-cores]
 
 A/B of a patch (a scratch tree laid out as DIR/fedvlm/{coordinator,client,...}):
 `--product-pythonpath DIR` runs the daemon and the in-process phases from DIR; `--compare-pythonpath DIR` adds a
@@ -398,6 +399,8 @@ def main() -> None:  # noqa: C901 - set-up, alternating runs, report
                         help="also run a second daemon from this tree, alternating with the first (same-run A/B)")
     parser.add_argument("--compare-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of the comparison daemon only (repeatable)")
+    parser.add_argument("--split-cores", action="store_true",
+                        help="pin the servers (daemons, raw sink; every thread) to CPU 1 and this client to CPU 0")
     parser.add_argument("--raw-server", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sink-checkpoint", type=int, default=8 << 20, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -455,6 +458,10 @@ def main() -> None:  # noqa: C901 - set-up, alternating runs, report
         raw_stub = federation_pb2_grpc.FederationStub(raw_channel)
         grpc.channel_ready_future(raw_channel).result(timeout=30)
         raw_stub.Upload(iter([pb.UploadChunk(upload_id="warm", offset=0, data=b"x" * (1 << 20))]), timeout=30)
+        if args.split_cores:  # `taskset -a`: every thread the process has now; threads started later inherit it
+            for pid, cpu in [(os.getpid(), 0), (raw_proc.pid, 1), *((d.coord.proc.pid, 1) for d in daemons.values())]:
+                subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True)
+            print("split cores: client on CPU 0, servers on CPU 1")
 
         for rep in range(args.repeats):
             # The headline group (raw and the daemon(s)) runs back to back in an order rotated every repeat; then
