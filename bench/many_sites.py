@@ -129,10 +129,11 @@ class Site:
         self.uploaded.add(task.round)
 
 
-def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upload_threads: int, stop,
-                results) -> None:
+def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upload_threads: int, spread: bool,
+                stop, results) -> None:
     """One load-generator process: heartbeats every second for its sites and their uploads, until `stop` is set;
-    then puts (latencies as (sent at, unix; seconds), errors) on `results`."""
+    then puts (latencies as (sent at, unix; seconds), errors) on `results`. `spread`: the sites' heartbeats are
+    spread evenly over the second (else each second's are sent at once)."""
     from fedvlm.client.identity import StateDir
     from fedvlm.wire.v1 import federation_pb2 as pb
 
@@ -170,7 +171,9 @@ def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upl
 
     while not stop.is_set():
         tick = time.perf_counter()
-        for site in sites:
+        for k, site in enumerate(sites):
+            if spread:  # each site on its own phase of the second, as independent agents' timers are
+                stop.wait(max(0.0, tick + k / len(sites) - time.perf_counter()))
             sent_unix, sent = time.time(), time.perf_counter()
             future = site.stub.Poll.future(pb.PollRequest(state=pb.CLIENT_STATE_IDLE), timeout=30)
             future.add_done_callback(lambda f, s=site, u=sent_unix, t=sent: on_answer(s, u, t, f))
@@ -181,6 +184,82 @@ def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upl
         results.put((latencies, errors))
     for site in sites:
         site.channel.close()
+
+
+def drive(spawn, indexed: list[tuple[int, str]], work: Path, address: str, args, finished) -> tuple[list, list]:
+    """Run the sites against `address` from --procs processes until `finished()`; (latencies, errors)."""
+    stop, results = spawn.Event(), spawn.Queue()
+    per_proc_uploads = -(-args.upload_threads // args.procs)
+    drivers = [spawn.Process(target=drive_sites, daemon=True,
+                             args=(indexed[k::args.procs], work / "sites", address, per_proc_uploads, not args.burst,
+                                   stop, results)) for k in range(args.procs)]
+    latencies: list[tuple[float, float]] = []  # (sent at, unix; seconds)
+    errors: list[str] = []
+    try:
+        for driver in drivers:
+            driver.start()
+        while not finished():
+            time.sleep(0.5)
+    finally:
+        stop.set()
+    for _ in drivers:
+        part, part_errors = results.get(timeout=120)
+        latencies += part
+        errors += part_errors
+    for driver in drivers:
+        driver.join(timeout=10)
+    return latencies, errors
+
+
+def serve_echo(fed_root: str, threads: int, ports, stop) -> None:
+    """The baseline server: the daemon's mTLS credentials, gRPC options and thread count, and a Poll that answers
+    a constant WAIT at once (no state, no checks): what a heartbeat costs on this machine without fedvlm's work."""
+    from concurrent import futures
+
+    import grpc
+
+    from fedvlm.coordinator.layout import FederationDir
+    from fedvlm.wire.credentials import SERVER_OPTIONS, mtls_server_credentials
+    from fedvlm.wire.v1 import federation_pb2, federation_pb2_grpc
+
+    fed = FederationDir(Path(fed_root))
+    answer = federation_pb2.Assignment(action=federation_pb2.ACTION_WAIT, message="round 1: not sampled",
+                                       poll_interval_s=1.0)
+
+    class Echo(federation_pb2_grpc.FederationServicer):
+        def Poll(self, request, context):
+            return answer
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=SERVER_OPTIONS)
+    federation_pb2_grpc.add_FederationServicer_to_server(Echo(), server)
+    port = server.add_secure_port("127.0.0.1:0", mtls_server_credentials(
+        fed.server_key.read_bytes(), fed.server_cert.read_bytes(), fed.ca_cert.read_bytes()))
+    server.start()
+    ports.put(port)
+    stop.wait()
+    server.stop(0)
+
+
+def echo_baseline(spawn, indexed: list[tuple[int, str]], work: Path, fed, args) -> dict:
+    """The same sites and load generators against `serve_echo` for --baseline-s seconds (the daemon idle meanwhile:
+    nobody polls it)."""
+    stop, ports = spawn.Event(), spawn.Queue()
+    server = spawn.Process(target=serve_echo, args=(str(fed.root), args.threads, ports, stop), daemon=True)
+    server.start()
+    try:
+        address = f"127.0.0.1:{ports.get(timeout=60)}"
+        meter = DaemonMeter(server.pid)
+        end = time.monotonic() + args.baseline_s
+        latencies, errors = drive(spawn, indexed, work, address, args, lambda: time.monotonic() > end)
+        cpu = meter.cpu_seconds()
+        meter.stop()
+    finally:
+        stop.set()
+        server.join(timeout=10)
+    seconds = [s for _, s in latencies]
+    return {"seconds": args.baseline_s, "heartbeats": len(seconds), "errors": len(errors),
+            "heartbeat_ms": {"p50": percentile(seconds, 0.5) * 1e3, "p99": percentile(seconds, 0.99) * 1e3},
+            "server_cpu_s": cpu}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -197,6 +276,10 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=4, help="load-generator processes the sites are spread over")
     parser.add_argument("--enroll-threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--burst", action="store_true",
+                        help="send each process's heartbeats of a second at once (default: spread over the second)")
+    parser.add_argument("--baseline-s", type=float, default=10.0,
+                        help="seconds of the same heartbeats against a constant-answer mTLS server first (0: skip)")
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "fedvlm-bench" / "many_sites.json")
     args = parser.parse_args()
     if not 1 <= args.sites <= 2000:
@@ -212,9 +295,6 @@ def main() -> None:
                         ("--threads", str(args.threads)))
     coord.start()
     meter = DaemonMeter(coord.proc.pid)
-    stop = None
-    latencies: list[tuple[float, float]] = []  # (sent at, unix; seconds)
-    errors: list[str] = []
     try:
         port = coord.enroll_address.rsplit(":", 1)[1]
         names = [f"site-{i:04d}" for i in range(args.sites)]
@@ -232,36 +312,30 @@ def main() -> None:
               f"(daemon CPU {enroll_cpu:.1f}s)", flush=True)
 
         spawn = multiprocessing.get_context("spawn")  # gRPC in the parent: no fork
-        stop, results = spawn.Event(), spawn.Queue()
         indexed = list(enumerate(names))
-        per_proc_uploads = -(-args.upload_threads // args.procs)
-        drivers = [spawn.Process(target=drive_sites, daemon=True,
-                                 args=(indexed[k::args.procs], work / "sites", coord.address, per_proc_uploads,
-                                       stop, results)) for k in range(args.procs)]
+        baseline = None
+        if args.baseline_s > 0:
+            baseline = echo_baseline(spawn, indexed, work, coord.fed, args)
+            echo = baseline["heartbeat_ms"]
+            print(f"baseline (echo server, {args.baseline_s:.0f} s): heartbeat p50 {echo['p50']:.1f} ms, "
+                  f"p99 {echo['p99']:.1f} ms", flush=True)
         cpu_before = meter.cpu_seconds()
         run_started = time.perf_counter()
-        for driver in drivers:
-            driver.start()
         done = False
-        while time.monotonic() < deadline and not done:
-            time.sleep(0.5)
+
+        def finished() -> bool:
+            nonlocal done
             rows = coord.query("SELECT state FROM runs")
             done = bool(rows) and rows[0]["state"] == "done"
-        stop.set()
-        for _ in drivers:
-            part, part_errors = results.get(timeout=120)
-            latencies += part
-            errors += part_errors
-        for driver in drivers:
-            driver.join(timeout=10)
+            return done or time.monotonic() > deadline
+
+        latencies, errors = drive(spawn, indexed, work, coord.address, args, finished)
         run_s = time.perf_counter() - run_started
         run_cpu = meter.cpu_seconds() - cpu_before
         rounds = json.loads(coord_cli("rounds", "--dir", str(coord.fed.root), "--json"))
         last_accepted = {r["round"]: r["last"] for r in coord.query(
             "SELECT round, MAX(accepted_at) AS last FROM updates GROUP BY round")}
     finally:
-        if stop is not None:
-            stop.set()
         meter.stop()
         peak = meter.peak_rss_mib
         coord.kill()
@@ -271,6 +345,7 @@ def main() -> None:
     all_s = [s for _, s in latencies]
     result = {
         "sites": args.sites, "procs": args.procs, "rounds": args.rounds, "daemon_threads": args.threads, "done": done,
+        "heartbeats_spread": not args.burst, "baseline_echo": baseline,
         "tokens_per_s": args.sites / token_s, "enrollments_per_s": args.sites / enroll_s,
         "heartbeats": len(all_s), "heartbeat_ms": {"p50": percentile(all_s, 0.5) * 1e3,
                                                    "p99": percentile(all_s, 0.99) * 1e3, "max": max(all_s) * 1e3},

@@ -48,6 +48,8 @@ from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_FLUSH_SECONDS = 0.25  # the sites' accepted heartbeats are written to state.db this often (State)
+
 
 @dataclass(frozen=True)
 class Bound:
@@ -81,6 +83,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._servers: list[grpc.Server] = []
         self._driver_thread: threading.Thread | None = None
+        self._heartbeat_thread: threading.Thread | None = None
 
     def _round_published(self, aggregation_seconds: float, round_seconds: float) -> None:
         self.telemetry.round_published(aggregation_seconds, round_seconds)
@@ -125,6 +128,8 @@ class Coordinator:
         self._driver_thread = threading.Thread(target=self.driver.loop, args=(self._stop,), daemon=True,
                                                name="round-driver")
         self._driver_thread.start()
+        self._heartbeat_thread = threading.Thread(target=self._write_heartbeats, daemon=True, name="heartbeats")
+        self._heartbeat_thread.start()
         bound = Bound(_with_port(self.listen, main_port), _with_port(self.enroll_listen, enroll_port))
         addresses = {"federation": bound.federation, "enrollment": bound.enrollment, "pid": os.getpid()}
         if self.dashboard:
@@ -132,6 +137,13 @@ class Coordinator:
         write_bytes_atomic(self.fed.address_file, json.dumps(addresses).encode())
         log.info("serving federation on %s (mTLS), enrollment on %s", bound.federation, bound.enrollment)
         return bound
+
+    def _write_heartbeats(self) -> None:
+        while not self._stop.wait(HEARTBEAT_FLUSH_SECONDS):
+            try:
+                self.state.flush_heartbeats()
+            except Exception:  # noqa: BLE001 - e.g. the disk is full: logged, retried, the daemon goes on
+                log.exception("writing heartbeats failed; retrying")
 
     def run_finished(self) -> bool:
         run = self.state.current_run()
@@ -159,8 +171,9 @@ class Coordinator:
             self.dashboard.stop()
         for server in self._servers:
             server.stop(grace=2).wait()
-        if self._driver_thread:
-            self._driver_thread.join(timeout=5)
+        for thread in (self._driver_thread, self._heartbeat_thread):
+            if thread:
+                thread.join(timeout=5)
         self.state.close()
 
 

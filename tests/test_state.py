@@ -254,3 +254,62 @@ def test_reads_on_other_threads_do_not_wait_for_a_transition_in_progress(tmp_pat
     reader.join()
     state.close()
     assert answered_while_held and seen == [""]  # the committed state, not the transition's uncommitted write
+
+
+def test_a_heartbeat_is_accepted_while_a_transition_holds_the_writer_and_written_in_the_next_batch(tmp_path):
+    import threading
+
+    state = State(tmp_path / "state.db")
+    state.issue_token("a", "a", b"", 1e12)
+    state.enroll_client("a", "a", "fp-a")
+    inside, release, accepted = threading.Event(), threading.Event(), []
+
+    def slow_transition():
+        with state._tx():  # e.g. an upload's fsync'd commit
+            inside.set()
+            release.wait()
+
+    writer = threading.Thread(target=slow_transition)
+    writer.start()
+    inside.wait()
+    poll = threading.Thread(target=lambda: accepted.append(
+        state.record_heartbeat("a", Activity.TRAINING, "step 1/9", 0, 0, "r1", 1, 9, fingerprint="fp-a")))
+    poll.start()
+    poll.join(timeout=30)
+    answered_while_held = not poll.is_alive()
+    release.set()
+    writer.join()
+    poll.join()
+    other = sqlite3.connect(tmp_path / "state.db")  # another process's view: state.db itself
+
+    def on_disk():
+        return other.execute("SELECT state, step FROM clients WHERE name='a'").fetchone()
+
+    assert answered_while_held and accepted == [True]
+    assert (state.client("a").activity, state.client("a").step) == (Activity.TRAINING, 1)  # this process sees it
+    assert on_disk() == ("idle", 0)  # not written yet
+    assert state.flush_heartbeats() == 1 and state.flush_heartbeats() == 0
+    assert on_disk() == ("training", 1)
+    state.record_heartbeat("a", Activity.UPLOADING, "", 5, 9, "r1", fingerprint="fp-a")
+    state.close()  # a clean stop writes what is pending
+    assert on_disk() == ("uploading", 0)
+
+
+def test_pending_heartbeats_are_written_before_a_revocation_and_never_for_a_replaced_certificate():
+    clock = Clock()
+    state = State.in_memory(clock)
+    for name in "ab":
+        state.issue_token(name, name, b"", clock() + 60)
+        state.enroll_client(name, name, f"fp-{name}")
+    state.record_heartbeat("a", Activity.TRAINING, "", 0, 0, fingerprint="fp-a")
+    state.record_heartbeat("b", Activity.TRAINING, "", 0, 0, fingerprint="fp-b")
+    state.revoke_client("a")  # accepted before the revocation: kept
+    assert state.client("a").last_seen == clock() and state.live_clients(60) == ["b"]
+    clock.advance(5)
+    state.record_heartbeat("b", Activity.IDLE, "", 0, 0, fingerprint="fp-b")
+    state.issue_token("b2", "b", b"", clock() + 60)
+    state.enroll_client("b2", "b", "fp-b-new")  # re-enrolled: the old certificate's heartbeat was written first
+    assert (state.client("b").activity, state.client("b").last_seen) == (Activity.IDLE, clock())
+    clock.advance(5)
+    assert not state.record_heartbeat("b", Activity.TRAINING, "", 0, 0, fingerprint="fp-b")  # the old certificate
+    assert state.flush_heartbeats() == 0 and state.client("b").last_seen == clock() - 5

@@ -26,6 +26,7 @@ from fedvlm.spec import TaskSpec
 from fedvlm.tables import from_table
 
 from ..config import RunConfig
+from .heartbeats import Heartbeat, PendingHeartbeats
 from .records import (
     CONFIG_FROM_FEDERATION_TOML,
     GENESIS,
@@ -159,6 +160,7 @@ class State:
     def __init__(self, path: Path | str, readonly: bool = False, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.now = clock
+        self._readonly = readonly
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
@@ -168,6 +170,8 @@ class State:
         self._local = threading.local()  # .in_tx: this thread is inside _tx; .reader: its read connection
         self._readers: list[sqlite3.Connection] | None = None if readonly or path == ":memory:" else []
         self._readers_lock = threading.Lock()  # not self._lock: a reader must not wait for a transition
+        self._heartbeats = PendingHeartbeats()
+        self._after_commit: list[Callable[[], None]] = []  # run once the current transaction commits (under _lock)
         try:
             self._open(readonly)
         except sqlite3.DatabaseError as exc:
@@ -212,7 +216,9 @@ class State:
         return self._one("PRAGMA user_version")[0]
 
     def close(self) -> None:
-        """Close the connection; the state is unusable afterwards."""
+        """Write the pending heartbeats and close the connection; the state is unusable afterwards."""
+        if not self._readonly:
+            self.flush_heartbeats()
         with self._lock, self._readers_lock:
             self._db.close()
             for reader in self._readers or ():
@@ -235,7 +241,10 @@ class State:
                 raise
             else:
                 self._db.execute("COMMIT")
+                for done in self._after_commit:
+                    done()
             finally:
+                self._after_commit.clear()
                 self._local.in_tx = False
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
@@ -319,6 +328,7 @@ class State:
                                  (now, token_id)).rowcount
             if claimed != 1:
                 return False
+            self._write_heartbeats(db)  # the old certificate's last heartbeats, then the new certificate
             db.execute("INSERT INTO clients(name, cert_fingerprint, enrolled_at) VALUES (?,?,?) "
                        "ON CONFLICT(name) DO UPDATE SET cert_fingerprint=excluded.cert_fingerprint, "
                        "enrolled_at=excluded.enrolled_at", (name, cert_fingerprint, now))
@@ -328,44 +338,72 @@ class State:
     def revoke_client(self, name: str) -> bool:
         """Refuse site `name` from now on; False if no such site is enrolled."""
         with self._tx() as db:
+            self._write_heartbeats(db)  # those accepted before the revocation are kept
             changed = db.execute("UPDATE clients SET revoked=1 WHERE name=?", (name,)).rowcount
             if changed:
                 self._audit(db, {"kind": "revoke", "name": name})
         return bool(changed)
 
     def client(self, name: str) -> Client | None:
-        """The enrolled site `name`, revoked or not."""
+        """The enrolled site `name`, revoked or not (with its last accepted heartbeat, written or pending)."""
         row = self._one("SELECT * FROM clients WHERE name=?", (name,))
-        return _client(row) if row else None
+        return self._heartbeats.overlay(_client(row)) if row else None
 
     def clients(self) -> list[Client]:
-        """Every enrolled site, by name."""
-        return [_client(row) for row in self._all("SELECT * FROM clients ORDER BY name")]
+        """Every enrolled site, by name (with its last accepted heartbeat, written or pending)."""
+        return [self._heartbeats.overlay(_client(row)) for row in self._all("SELECT * FROM clients ORDER BY name")]
 
     def record_heartbeat(self, name: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int,
                          run_id: str | None = None, step: int = 0, steps_total: int = 0,
                          fingerprint: str | None = None) -> bool:
         """A site polled: what it is doing (for run `run_id`; training step k of n), and now as its last-seen time.
-        With `fingerprint`, only if the site is enrolled with that certificate and not revoked. True if recorded.
+        With `fingerprint`, only if the site is enrolled with that certificate and not revoked. True if accepted.
 
-        Not fsync'd on its own (one fsync per heartbeat bounded a coordinator's sites): the next durable
-        transition's fsync covers it. A killed coordinator loses none; a power loss may lose the last heartbeats,
-        i.e. last-seen times a few seconds old."""
-        where, args = "name=?", (name,)
+        Accepted heartbeats are kept in memory, the newest per site, and written in one batch by
+        `flush_heartbeats` (the daemon calls it every server.HEARTBEAT_FLUSH_SECONDS; `live_clients`, `close`,
+        enrollment and revocation call it too): a Poll neither takes the writer's lock nor waits behind a durable
+        transition. This process's reads (`client`, `clients`) include the pending ones. A killed coordinator
+        loses the heartbeats of its last flush period (sites poll again within a second); the batch is not
+        fsync'd on its own (the next durable transition's fsync covers it), so a power loss may lose last-seen
+        times a few seconds old."""
         if fingerprint is not None:
-            where, args = "name=? AND cert_fingerprint=? AND revoked=0", (name, fingerprint)
+            row = self._one("SELECT cert_fingerprint, revoked FROM clients WHERE name=?", (name,))
+            if row is None or row["revoked"] or row["cert_fingerprint"] != fingerprint:
+                return False
+        elif self._one("SELECT 1 FROM clients WHERE name=?", (name,)) is None:
+            return False
+        self._heartbeats.put(name, Heartbeat(activity, detail, bytes_done, bytes_total, self.now(), run_id or None,
+                                             step, steps_total, fingerprint))
+        return True
+
+    def flush_heartbeats(self) -> int:
+        """Write the pending heartbeats in one (non-fsync'd) transaction; returns how many there were."""
+        if not self._heartbeats:
+            return 0
         with self._tx(durable=False) as db:
-            return db.execute(f"UPDATE clients SET state=?, detail=?, bytes_done=?, bytes_total=?, last_seen=?, "
-                              f"run_id=?, step=?, steps_total=? WHERE {where}",
-                              (activity.value, detail, bytes_done, bytes_total, self.now(), run_id or None, step,
-                               steps_total, *args)).rowcount == 1
+            return self._write_heartbeats(db)
+
+    def _write_heartbeats(self, db: sqlite3.Connection) -> int:
+        """The pending heartbeats, written inside the caller's transaction (none for a revoked site, each only for
+        the certificate it came with); they stop being pending when it commits."""
+        batch = self._heartbeats.batch()
+        rows = [(b.activity.value, b.detail, b.bytes_done, b.bytes_total, b.last_seen, b.run_id, b.step,
+                 b.steps_total, name, b.fingerprint, b.fingerprint) for name, b in batch.items()]
+        db.executemany("UPDATE clients SET state=?, detail=?, bytes_done=?, bytes_total=?, last_seen=?, run_id=?, "
+                       "step=?, steps_total=? WHERE name=? AND revoked=0 AND (? IS NULL OR cert_fingerprint=?)",
+                       rows)
+        self._after_commit.append(lambda: self._heartbeats.written(batch))
+        return len(rows)
 
     def record_failure(self, name: str, reason: str, run_id: str | None) -> None:
-        """Site `name`'s agent stopped on an error: it is failed, with its one-line `reason`, until it polls again."""
-        self.record_heartbeat(name, Activity.FAILED, reason, 0, 0, run_id)
+        """Site `name`'s agent stopped on an error: it is failed, with its one-line `reason`, until it polls again.
+        Written at once."""
+        if self.record_heartbeat(name, Activity.FAILED, reason, 0, 0, run_id):
+            self.flush_heartbeats()
 
     def live_clients(self, heartbeat_timeout: float) -> list[str]:
         """Sites not revoked that polled within `heartbeat_timeout` seconds, by name."""
+        self.flush_heartbeats()
         rows = self._all("SELECT name FROM clients WHERE revoked=0 AND last_seen IS NOT NULL AND last_seen>=? "
                          "ORDER BY name", (self.now() - heartbeat_timeout,))
         return [r["name"] for r in rows]
