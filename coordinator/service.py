@@ -30,7 +30,7 @@ from .errors import Refused
 from .intake import Intake
 from .layout import FederationDir
 from .runs import find_run
-from .state import Activity, AssignmentState, MetricsKind, RoundPhase, RunState, State
+from .state import Activity, AssignmentState, GlobalVersion, MetricsKind, PollView, RoundPhase, RunState, State
 from .status import snapshot, status_message
 from .streams import UploadStreams
 
@@ -55,6 +55,14 @@ def _peer_certificate(context: grpc.ServicerContext) -> x509.Certificate:
     if cert is None:
         raise Refused("UNAUTHENTICATED", "a client certificate is required")
     return cert
+
+
+def _check_enrolled(name: str, fingerprint: str, enrolled: str | None, revoked: bool) -> None:
+    """Refuse a site whose certificate (`fingerprint`) is not the one enrolled for `name`, or that is revoked."""
+    if enrolled != fingerprint:
+        raise Refused("PERMISSION_DENIED", f"certificate for {name!r} is not the one enrolled")
+    if revoked:
+        raise Refused("PERMISSION_DENIED", f"client {name!r} has been revoked")
 
 
 def _what_to_do(assignment: federation_pb2.Assignment) -> tuple:
@@ -98,10 +106,8 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     def _client(self, context: grpc.ServicerContext) -> tuple[str, x509.Certificate]:
         name, cert = self._site_certificate(context)
         client = self.state.client(name)
-        if client is None or client.cert_fingerprint != pki.fingerprint(cert):
-            raise Refused("PERMISSION_DENIED", f"certificate for {name!r} is not the one enrolled")
-        if client.revoked:
-            raise Refused("PERMISSION_DENIED", f"client {name!r} has been revoked")
+        _check_enrolled(name, pki.fingerprint(cert), client.cert_fingerprint if client else None,
+                        client is not None and client.revoked)
         return name, cert
 
     @staticmethod
@@ -114,31 +120,30 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     @_guarded
     def Poll(self, request, context):
         name, cert = self._site_certificate(context)
-        # One statement checks the enrolled certificate and records the heartbeat; a refused caller changes nothing,
-        # and `_client` then says why.
-        if not self.state.record_heartbeat(name, ACTIVITIES.get(request.state, Activity.IDLE), request.detail[:200],
-                                           request.bytes_done, request.bytes_total, request.run_id[:64],
-                                           max(0, request.step), max(0, request.steps_total),
-                                           fingerprint=pki.fingerprint(cert)):
-            self._client(context)
-        seen = self.changes.generation()  # before the answer is computed: a change after it is not missed
-        assignment = self._assignment_for(name)
+        fingerprint = pki.fingerprint(cert)
+        seen = self.changes.generation()  # before the answer is read: a change after it is not missed
+        # One statement reads the enrolled certificate and what the answer needs; the heartbeat is recorded only for
+        # the enrolled, unrevoked certificate, so a refused caller changes nothing.
+        view = self.state.poll(name, fingerprint, ACTIVITIES.get(request.state, Activity.IDLE), request.detail[:200],
+                               request.bytes_done, request.bytes_total, request.run_id[:64], max(0, request.step),
+                               max(0, request.steps_total))
+        _check_enrolled(name, fingerprint, view.cert_fingerprint, view.revoked)
+        assignment = self._assignment_for(name, view)
         if request.wait_s > 0 and assignment.action == Pb.ACTION_WAIT and self._waiting is not None \
                 and self._waiting.acquire(blocking=False):
             try:
-                return self._wait_for_change(name, context, assignment, seen, request.wait_s)
+                return self._wait_for_change(name, fingerprint, view, context, assignment, seen, request.wait_s)
             finally:
                 self._waiting.release()
         return assignment
 
-    def _wait_for_change(self, name: str, context: grpc.ServicerContext, first: federation_pb2.Assignment,
-                         seen: int, wait_s: float) -> federation_pb2.Assignment:
+    def _wait_for_change(self, name: str, fingerprint: str, view: PollView, context: grpc.ServicerContext,
+                         first: federation_pb2.Assignment, seen: int, wait_s: float) -> federation_pb2.Assignment:
         """The long-poll: hold `first` (a WAIT) until what the site acts on changes (`_what_to_do`), `wait_s` passes
         (capped at a third of the heartbeat timeout: the site's next poll keeps it live) or the caller goes away.
         The driver's transitions wake it at once; changes made by another process (the CLI's `run new`/`stop`,
         `revoke`, in the database) are seen at the next recheck, every poll_interval, as a polling site saw them."""
-        run = self.state.current_run()
-        run_config = run.config if run else self.config.run
+        run_config = view.run.config if view.run else self.config.run
         end = time.monotonic() + min(wait_s, run_config.heartbeat_timeout / 3)
         current = first
         while _what_to_do(current) == _what_to_do(first) and context.is_active():
@@ -146,13 +151,14 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             if left <= 0:
                 break
             seen = self.changes.wait(seen, min(left, run_config.poll_interval))
-            self._client(context)  # a site revoked meanwhile is refused now, as its next poll would be
-            current = self._assignment_for(name)
+            view = self.state.poll_view(name)
+            _check_enrolled(name, fingerprint, view.cert_fingerprint, view.revoked)  # revoked meanwhile: refused now
+            current = self._assignment_for(name, view)
         current.long_polled = True
         return current
 
-    def _assignment_for(self, name: str) -> federation_pb2.Assignment:
-        run = self.state.current_run()
+    def _assignment_for(self, name: str, view: PollView) -> federation_pb2.Assignment:
+        run = view.run
         base = dict(federation_id=self.federation_id, poll_interval_s=self.config.run.poll_interval)
         if run is None:
             return Pb.Assignment(action=Pb.ACTION_WAIT, message="no run yet", **base)
@@ -169,8 +175,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             if run.init_client == name and self.state.initial_update(run.run_id) is None:
                 return Pb.Assignment(action=Pb.ACTION_INIT, round=0, **base)
             return Pb.Assignment(action=Pb.ACTION_WAIT, message="waiting for the initial adapter", **base)
-        rnd = self.state.round(run.run_id, run.round)
-        status = self.state.assignment(run.run_id, run.round, name)
+        rnd, status = view.round, view.assignment
         if status is not AssignmentState.ASSIGNED or rnd is None or (rnd.deadline or 0) < self.state.now():
             return Pb.Assignment(action=Pb.ACTION_WAIT, round=run.round, message=f"round {run.round}: not sampled",
                                  **base)
@@ -182,11 +187,10 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         else:
             return Pb.Assignment(action=Pb.ACTION_WAIT, round=run.round, **base)
         return Pb.Assignment(action=action, round=run.round, deadline_unix=rnd.deadline,
-                             global_version=self._global_info(rnd.base_digest), **base)
+                             global_version=self._global_info(view.base_global), **base)
 
-    def _global_info(self, digest: str) -> federation_pb2.GlobalInfo:
-        version = self.state.global_by_digest(digest)
-        return Pb.GlobalInfo(digest=digest, size=version.size, record_json=version.record_json,
+    def _global_info(self, version: GlobalVersion) -> federation_pb2.GlobalInfo:
+        return Pb.GlobalInfo(digest=version.digest, size=version.size, record_json=version.record_json,
                              signature=version.signature, signer_cert_pem=self.signer_cert_pem)
 
     def FetchGlobal(self, request, context) -> Iterator[common_pb2.Chunk]:

@@ -24,7 +24,7 @@ from fedvlm.wire.credentials import mtls_channel
 from fedvlm.wire.v1 import admin_pb2, admin_pb2_grpc
 from fedvlm.wire.v1 import federation_pb2 as pb
 
-from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes
+from .harness import Coordinator, RawSite, coord_cli, rpc_code, tensors_bytes, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -105,14 +105,22 @@ def test_remote_status_needs_the_admin_certificate(ops):
 @pytest.mark.slow
 def test_remote_and_local_json_are_the_same_document(ops):
     coord, _, _ = ops
-    remote = json.loads(coord_cli("status", "--coordinator", coord.address, "--dir", str(coord.fed.root), "--json"))
-    local = json.loads(coord_cli("status", "--dir", str(coord.fed.root), "--json"))
-    assert remote.pop("live") is True and local.pop("live") is False
-    remote.pop("now_unix"), local.pop("now_unix")
-    for doc in (remote, local):
+    def read(*where: str) -> dict:
+        doc = json.loads(coord_cli("status", "--dir", str(coord.fed.root), *where, "--json"))
+        doc.pop("now_unix")
         for client in doc["clients"]:
             client.pop("last_heartbeat_unix")  # alpha may poll between the two reads
-    assert remote == local
+        return doc
+
+    remote = read("--coordinator", coord.address)
+    assert remote.pop("live") is True
+    # state.db holds the daemon's heartbeats once its next batch is written (every 0.25 s).
+    def caught_up() -> dict | None:
+        local = read()
+        assert local.pop("live") is False
+        return local if local == remote else None
+
+    local = wait_for(caught_up, 10, "the local status to show what the daemon showed")
     assert set(local) == {f.name for f in admin_pb2.FederationStatus.DESCRIPTOR.fields} - {"live", "now_unix"}
     assert local["phase"] == "init" and isinstance(local["clients"][0]["bytes_total"], int)
 

@@ -282,7 +282,7 @@ def test_a_waiting_sites_long_poll_is_answered_by_its_change_and_refused_once_it
         assert first.action == pb.ACTION_INIT, first
         heartbeat = sites["b"].poll()
         assert heartbeat.action == pb.ACTION_WAIT and not heartbeat.long_polled
-        before = last_seen("b")
+        before = wait_for(lambda: last_seen("b"), 10, "b's heartbeat to be written")  # batched every 0.25 s
         held = pool.submit(long_poll, "b")
         wait_for(polled("b", before), 10, "b's long-poll")
         data = tensors_bytes(init_tensors(), {adapters.ADAPTER_CONFIG_METADATA: json.dumps({"peft_type": "LORA"})})

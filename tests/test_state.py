@@ -16,6 +16,7 @@ from fedvlm.coordinator.state import (
     GENESIS,
     SCHEMA_VERSION,
     Activity,
+    AssignmentState,
     MetricsKind,
     RunState,
     State,
@@ -24,9 +25,10 @@ from fedvlm.coordinator.state import (
     audit_hash,
 )
 from fedvlm.coordinator.state.db import SCHEMA, UPGRADES
+from fedvlm.security import pki
 from fedvlm.spec import TaskSpec
 
-from .inprocess import Clock
+from .inprocess import Clock, InProcessCoordinator
 
 # The task JSON a coordinator stored before algorithms had their own configs: every algorithm's keys in one table.
 OLD_TASK_JSON = (
@@ -212,20 +214,40 @@ def test_a_version_2_state_is_upgraded_to_3_with_the_secure_aggregation_tables(t
         state.record_secagg_shares("r1", 2, 1, "a", {"a": b"x"})
 
 
-def test_a_heartbeat_with_a_fingerprint_is_recorded_only_for_that_enrolled_unrevoked_certificate():
+def test_a_poll_records_the_heartbeat_only_for_the_enrolled_unrevoked_certificate():
     clock = Clock()
     state = State.in_memory(clock)
     state.issue_token("a", "a", b"", clock() + 60)
     state.enroll_client("a", "a", "fp-a")
-    assert not state.record_heartbeat("a", Activity.TRAINING, "x", 0, 0, fingerprint="fp-other")
-    assert not state.record_heartbeat("nobody", Activity.TRAINING, "x", 0, 0, fingerprint="fp-a")
+    assert state.poll("a", "fp-other", Activity.TRAINING, "x", 0, 0).cert_fingerprint == "fp-a"
+    assert state.poll("nobody", "fp-a", Activity.TRAINING, "x", 0, 0).cert_fingerprint is None
     assert state.client("a").last_seen is None  # a refused heartbeat changed nothing
-    assert state.record_heartbeat("a", Activity.TRAINING, "x", 0, 0, fingerprint="fp-a")
+    assert state.poll("a", "fp-a", Activity.TRAINING, "x", 0, 0).revoked is False
     assert state.client("a").last_seen == clock()
     state.revoke_client("a")
     clock.advance(5)
-    assert not state.record_heartbeat("a", Activity.IDLE, "", 0, 0, fingerprint="fp-a")
+    assert state.poll("a", "fp-a", Activity.IDLE, "", 0, 0).revoked is True
     assert state.client("a").last_seen == clock() - 5
+
+
+def test_the_poll_view_is_what_the_separate_reads_return(tmp_path):
+    coord = InProcessCoordinator(tmp_path, RunConfig(rounds=1, min_clients=3, clients_per_round=2, quorum=1,
+                                                     round_deadline=100.0, final_eval=False))
+    state = coord.state
+    empty = state.poll_view("a")
+    assert (empty.run, empty.round, empty.assignment, empty.base_global) == (None, None, None, None)
+    assert empty.cert_fingerprint == pki.fingerprint(coord.certs["a"]) and not empty.revoked
+    coord.open_round_one()
+    run = state.current_run()
+    views = {name: state.poll_view(name) for name in "abc"}
+    for name, view in views.items():
+        assert view.run == run and view.round == state.round(run.run_id, 1)
+        assert view.assignment == state.assignment(run.run_id, 1, name)
+        assert view.base_global == state.global_by_digest(view.round.base_digest) == state.global_version(run.run_id, 0)
+    assert sorted(v.assignment for v in views.values() if v.assignment) == [AssignmentState.ASSIGNED] * 2
+    assert [v.assignment for v in views.values()].count(None) == 1  # the site not sampled
+    nobody = state.poll_view("nobody")
+    assert nobody.cert_fingerprint is None and nobody.run == run and nobody.assignment is None
 
 
 def test_reads_on_other_threads_do_not_wait_for_a_transition_in_progress(tmp_path):
@@ -273,7 +295,7 @@ def test_a_heartbeat_is_accepted_while_a_transition_holds_the_writer_and_written
     writer.start()
     inside.wait()
     poll = threading.Thread(target=lambda: accepted.append(
-        state.record_heartbeat("a", Activity.TRAINING, "step 1/9", 0, 0, "r1", 1, 9, fingerprint="fp-a")))
+        state.poll("a", "fp-a", Activity.TRAINING, "step 1/9", 0, 0, "r1", 1, 9).cert_fingerprint))
     poll.start()
     poll.join(timeout=30)
     answered_while_held = not poll.is_alive()
@@ -285,12 +307,12 @@ def test_a_heartbeat_is_accepted_while_a_transition_holds_the_writer_and_written
     def on_disk():
         return other.execute("SELECT state, step FROM clients WHERE name='a'").fetchone()
 
-    assert answered_while_held and accepted == [True]
+    assert answered_while_held and accepted == ["fp-a"]
     assert (state.client("a").activity, state.client("a").step) == (Activity.TRAINING, 1)  # this process sees it
     assert on_disk() == ("idle", 0)  # not written yet
     assert state.flush_heartbeats() == 1 and state.flush_heartbeats() == 0
     assert on_disk() == ("training", 1)
-    state.record_heartbeat("a", Activity.UPLOADING, "", 5, 9, "r1", fingerprint="fp-a")
+    state.poll("a", "fp-a", Activity.UPLOADING, "", 5, 9, "r1")
     state.close()  # a clean stop writes what is pending
     assert on_disk() == ("uploading", 0)
 
@@ -301,15 +323,15 @@ def test_pending_heartbeats_are_written_before_a_revocation_and_never_for_a_repl
     for name in "ab":
         state.issue_token(name, name, b"", clock() + 60)
         state.enroll_client(name, name, f"fp-{name}")
-    state.record_heartbeat("a", Activity.TRAINING, "", 0, 0, fingerprint="fp-a")
-    state.record_heartbeat("b", Activity.TRAINING, "", 0, 0, fingerprint="fp-b")
+    state.poll("a", "fp-a", Activity.TRAINING, "", 0, 0)
+    state.poll("b", "fp-b", Activity.TRAINING, "", 0, 0)
     state.revoke_client("a")  # accepted before the revocation: kept
     assert state.client("a").last_seen == clock() and state.live_clients(60) == ["b"]
     clock.advance(5)
-    state.record_heartbeat("b", Activity.IDLE, "", 0, 0, fingerprint="fp-b")
+    state.poll("b", "fp-b", Activity.IDLE, "", 0, 0)
     state.issue_token("b2", "b", b"", clock() + 60)
     state.enroll_client("b2", "b", "fp-b-new")  # re-enrolled: the old certificate's heartbeat was written first
     assert (state.client("b").activity, state.client("b").last_seen) == (Activity.IDLE, clock())
     clock.advance(5)
-    assert not state.record_heartbeat("b", Activity.TRAINING, "", 0, 0, fingerprint="fp-b")  # the old certificate
+    state.poll("b", "fp-b", Activity.TRAINING, "", 0, 0)  # the old certificate: not recorded
     assert state.flush_heartbeats() == 0 and state.client("b").last_seen == clock() - 5

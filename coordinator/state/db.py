@@ -38,6 +38,7 @@ from .records import (
     MetricsKind,
     MetricsReport,
     Next,
+    PollView,
     Round,
     RoundPhase,
     Run,
@@ -131,6 +132,22 @@ UPGRADES = {
 }
 
 RUN_COLUMNS = "runs.*, (SELECT COUNT(*) FROM runs AS earlier WHERE earlier.rowid <= runs.rowid) AS number"
+
+# State.poll_view: one row whatever exists (the LEFT JOINs from a one-row table), columns prefixed where names clash.
+POLL_VIEW = f"""
+SELECT c.cert_fingerprint AS c_fingerprint, c.revoked AS c_revoked, run.*,
+    rd.phase AS r_phase, rd.attempt AS r_attempt, rd.base_digest AS r_base_digest, rd.deadline AS r_deadline,
+    rd.started_at AS r_started_at, rd.finished_at AS r_finished_at, rd.global_digest AS r_global_digest,
+    a.state AS a_state, g.digest AS g_digest, g.run_id AS g_run_id, g.round AS g_round, g.size AS g_size,
+    g.record_json AS g_record_json, g.signature AS g_signature, g.created_at AS g_created_at
+FROM (SELECT 1) AS one
+LEFT JOIN clients AS c ON c.name = ?
+LEFT JOIN (SELECT {RUN_COLUMNS} FROM runs ORDER BY rowid DESC LIMIT 1) AS run ON 1
+LEFT JOIN rounds AS rd ON rd.run_id = run.run_id AND rd.round = run.round
+LEFT JOIN assignments AS a ON a.run_id = run.run_id AND a.round = run.round AND a.client = ?
+LEFT JOIN globals AS g ON g.rowid = (SELECT rowid FROM globals WHERE digest = rd.base_digest
+                                     ORDER BY created_at DESC LIMIT 1)
+"""
 
 COORDINATOR = "@coordinator"  # the `client` of metrics rows written by the server step (e.g. DP epsilon)
 
@@ -354,27 +371,50 @@ class State:
         return [self._heartbeats.overlay(_client(row)) for row in self._all("SELECT * FROM clients ORDER BY name")]
 
     def record_heartbeat(self, name: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int,
-                         run_id: str | None = None, step: int = 0, steps_total: int = 0,
-                         fingerprint: str | None = None) -> bool:
-        """A site polled: what it is doing (for run `run_id`; training step k of n), and now as its last-seen time.
-        With `fingerprint`, only if the site is enrolled with that certificate and not revoked. True if accepted.
+                         run_id: str | None = None, step: int = 0, steps_total: int = 0) -> bool:
+        """Site `name` reported what it is doing (for run `run_id`; training step k of n), now, whatever certificate
+        it uses (a site's Poll goes through `poll`, which checks it). True if such a site is enrolled."""
+        if self._one("SELECT 1 FROM clients WHERE name=?", (name,)) is None:
+            return False
+        self._queue_heartbeat(name, Heartbeat(activity, detail, bytes_done, bytes_total, self.now(), run_id or None,
+                                              step, steps_total, None))
+        return True
 
-        Accepted heartbeats are kept in memory, the newest per site, and written in one batch by
+    def poll(self, name: str, fingerprint: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int,
+             run_id: str | None = None, step: int = 0, steps_total: int = 0) -> PollView:
+        """A site's Poll: its `poll_view`, and its heartbeat (as `record_heartbeat`) if the view says `name` is
+        enrolled with certificate `fingerprint` and not revoked; otherwise nothing is recorded."""
+        view = self.poll_view(name)
+        if view.cert_fingerprint == fingerprint and not view.revoked:
+            self._queue_heartbeat(name, Heartbeat(activity, detail, bytes_done, bytes_total, self.now(),
+                                                  run_id or None, step, steps_total, fingerprint))
+        return view
+
+    def _queue_heartbeat(self, name: str, beat: Heartbeat) -> None:
+        """Accepted heartbeats are kept in memory, the newest per site, and written in one batch by
         `flush_heartbeats` (the daemon calls it every server.HEARTBEAT_FLUSH_SECONDS; `live_clients`, `close`,
         enrollment and revocation call it too): a Poll neither takes the writer's lock nor waits behind a durable
         transition. This process's reads (`client`, `clients`) include the pending ones. A killed coordinator
         loses the heartbeats of its last flush period (sites poll again within a second); the batch is not
         fsync'd on its own (the next durable transition's fsync covers it), so a power loss may lose last-seen
         times a few seconds old."""
-        if fingerprint is not None:
-            row = self._one("SELECT cert_fingerprint, revoked FROM clients WHERE name=?", (name,))
-            if row is None or row["revoked"] or row["cert_fingerprint"] != fingerprint:
-                return False
-        elif self._one("SELECT 1 FROM clients WHERE name=?", (name,)) is None:
-            return False
-        self._heartbeats.put(name, Heartbeat(activity, detail, bytes_done, bytes_total, self.now(), run_id or None,
-                                             step, steps_total, fingerprint))
-        return True
+        self._heartbeats.put(name, beat)
+
+    def poll_view(self, name: str) -> PollView:
+        """Site `name`'s PollView, in one statement: under load every SQLite call costs a wait for the GIL (it is
+        released around each step), so a Poll's five reads cost five such waits (docs/performance.md, section 6)."""
+        row = self._one(POLL_VIEW, (name, name))
+        run = _run(row) if row["run_id"] is not None else None
+        rnd = None
+        if row["r_phase"] is not None:
+            rnd = Round(run.run_id, run.round, RoundPhase(row["r_phase"]), row["r_attempt"], row["r_base_digest"],
+                        row["r_deadline"], row["r_started_at"], row["r_finished_at"], row["r_global_digest"])
+        base = None
+        if row["g_digest"] is not None:
+            base = GlobalVersion(row["g_digest"], row["g_run_id"], row["g_round"], row["g_size"], row["g_record_json"],
+                                 row["g_signature"], row["g_created_at"])
+        return PollView(row["c_fingerprint"], bool(row["c_revoked"]), run, rnd,
+                        AssignmentState(row["a_state"]) if row["a_state"] is not None else None, base)
 
     def flush_heartbeats(self) -> int:
         """Write the pending heartbeats in one (non-fsync'd) transaction; returns how many there were."""

@@ -20,8 +20,8 @@ from ..config import RunConfig
 __all__ = [
     "CONFIG_FROM_FEDERATION_TOML", "GENESIS", "Activity", "AssignmentState", "AuditEntry", "Client", "GlobalVersion",
     "MetricsKind", "MetricsReport",
-    "Next", "Round", "RoundPhase", "Run", "RunState", "SecAggKeys", "SecAggPhase", "SecAggRound", "ServerStateRef",
-    "Token", "Update", "Upload", "audit_hash",
+    "Next", "PollView", "Round", "RoundPhase", "Run", "RunState", "SecAggKeys", "SecAggPhase", "SecAggRound",
+    "ServerStateRef", "Token", "Update", "Upload", "audit_hash",
 ]
 
 
@@ -242,6 +242,19 @@ class GlobalVersion:
     record_json: str  # the signed fedvlm.security.signing.GlobalRecord
     signature: bytes
     created_at: float
+
+
+@dataclass(frozen=True)
+class PollView:
+    """What a site's Poll needs, read at one instant: its enrolled certificate, the current run, the run's current
+    round, the site's assignment in it and the global that round starts from (each None where there is none)."""
+
+    cert_fingerprint: str | None  # None: no site of that name is enrolled
+    revoked: bool
+    run: Run | None
+    round: Round | None
+    assignment: AssignmentState | None
+    base_global: GlobalVersion | None
 
 
 @dataclass(frozen=True)
