@@ -4,18 +4,26 @@ A real `fedvlm-coord serve` daemon (tests/harness.py `Coordinator`) on 127.0.0.1
 each with its own key, join token, real enrollment (CSR over the enrollment port) and its own mutual-TLS channel;
 after enrollment the sites are driven from `--procs` load-generator processes (the sites split evenly), so that
 the measured latency is the coordinator's and not one Python process's, which drives hundreds of channels.
-Every site sends a heartbeat (a quick Poll, wait_s 0, as the agent's heartbeat thread does) every second; the answer
-is also how it learns its assignment. Run config: every site sampled (`clients_per_round = quorum = N`), `--rounds`
-rounds, no final evaluation. The first site to be told ACTION_INIT uploads the initial adapter (two 4x8 float32
-tensors); in each round every site uploads one small signed update (StartUpload + Upload) as soon as its heartbeat
-says TRAIN, from a pool of `--upload-threads` threads (split over the processes): the upload burst.
+Every site sends a heartbeat (a quick Poll, wait_s 0, as the agent's heartbeat thread does) every second, each site
+on its own phase of the second (`--burst`: each process sends its sites' at once), and never two at once: a site
+whose previous heartbeat is unanswered skips that second (counted), as an agent's heartbeat thread waits for the
+answer. The answer is also how it learns its assignment. Run config: every site sampled (`clients_per_round = quorum
+= N`), `--rounds` rounds, no final evaluation. The first site to be told ACTION_INIT uploads the initial adapter (two
+4x8 float32 tensors); in each round every site uploads one small signed update (StartUpload + Upload) as soon as its
+heartbeat says TRAIN, from a pool of `--upload-threads` threads (split over the processes): the upload burst.
+
+Baseline, in the same run and first (`--baseline-s`, default 10 s): the same sites and load generators against a
+server with the daemon's mTLS credentials, gRPC options and thread count whose Poll returns a constant answer, i.e.
+what a heartbeat costs on this machine before any of fedvlm's work.
 
 Reported: token issue and enrollment rates (sites/s), heartbeat latency p50/p99/max over the whole run and during
-the upload bursts only (round opened -> its last update accepted), each round's completion time (coordinator
-records: round opened -> global published), and the daemon's CPU seconds and peak RSS (/proc). Bounded: `--sites`
-(default 200; `--sites 1000` for the issue's target), `--timeout` seconds in all.
+the upload bursts only (round opened -> its last update accepted), heartbeats skipped, each round's completion time
+(coordinator records: round opened -> global published), the daemon's CPU seconds and peak RSS (/proc), the load
+generators' CPU seconds, and the same heartbeat figures for the baseline. Bounded: `--sites` (default 200;
+`--sites 1000` for the issue's target), `--timeout` seconds in all.
 
-    python bench/many_sites.py [--sites 200] [--rounds 2] [--threads 128] [--procs 4] [--json PATH]
+    python bench/many_sites.py [--sites 200] [--rounds 2] [--threads 128] [--procs 4] [--baseline-s 10] [--burst]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from machine import machine_info  # bench/machine.py (scripts run from bench/)
@@ -95,7 +104,8 @@ class Site:
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
         self.latest = None
         self.uploaded: set[int] = set()
-        self.in_flight = False
+        self.in_flight = False  # an upload
+        self.polling = False  # a heartbeat is unanswered: the next waits for it, as an agent's heartbeat thread does
 
     def update_bytes(self, round_: int) -> bytes:
         import torch
@@ -143,6 +153,8 @@ def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upl
     uploads = ThreadPoolExecutor(upload_threads)
     errors: list[str] = []
     ended = threading.Event()
+    skipped = 0
+    cpu = time.process_time()
 
     def send_upload(site: Site, task) -> None:
         try:
@@ -154,6 +166,7 @@ def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upl
 
     def on_answer(site: Site, sent_unix: float, sent: float, future) -> None:
         seconds = time.perf_counter() - sent
+        site.polling = False
         if ended.is_set():  # calls still in flight when the run ended fail with the daemon: not counted
             return
         try:
@@ -174,6 +187,10 @@ def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upl
         for k, site in enumerate(sites):
             if spread:  # each site on its own phase of the second, as independent agents' timers are
                 stop.wait(max(0.0, tick + k / len(sites) - time.perf_counter()))
+            if site.polling:
+                skipped += 1
+                continue
+            site.polling = True
             sent_unix, sent = time.time(), time.perf_counter()
             future = site.stub.Poll.future(pb.PollRequest(state=pb.CLIENT_STATE_IDLE), timeout=30)
             future.add_done_callback(lambda f, s=site, u=sent_unix, t=sent: on_answer(s, u, t, f))
@@ -181,13 +198,24 @@ def drive_sites(names: list[tuple[int, str]], sites_dir: Path, address: str, upl
     ended.set()
     uploads.shutdown(wait=True)
     with lock:
-        results.put((latencies, errors))
+        results.put((latencies, errors, skipped, time.process_time() - cpu))
     for site in sites:
         site.channel.close()
 
 
-def drive(spawn, indexed: list[tuple[int, str]], work: Path, address: str, args, finished) -> tuple[list, list]:
-    """Run the sites against `address` from --procs processes until `finished()`; (latencies, errors)."""
+@dataclass
+class Load:
+    """What the load generators saw: (sent at, unix; seconds) per answered heartbeat, errors, heartbeats not sent
+    because the site's previous one was still unanswered, and their own CPU seconds."""
+
+    latencies: list[tuple[float, float]]
+    errors: list[str]
+    skipped: int
+    cpu_s: float
+
+
+def drive(spawn, indexed: list[tuple[int, str]], work: Path, address: str, args, finished) -> Load:
+    """Run the sites against `address` from --procs processes until `finished()`."""
     stop, results = spawn.Event(), spawn.Queue()
     per_proc_uploads = -(-args.upload_threads // args.procs)
     drivers = [spawn.Process(target=drive_sites, daemon=True,
@@ -202,13 +230,15 @@ def drive(spawn, indexed: list[tuple[int, str]], work: Path, address: str, args,
             time.sleep(0.5)
     finally:
         stop.set()
+    skipped, cpu = 0, 0.0
     for _ in drivers:
-        part, part_errors = results.get(timeout=120)
+        part, part_errors, part_skipped, part_cpu = results.get(timeout=120)
         latencies += part
         errors += part_errors
+        skipped, cpu = skipped + part_skipped, cpu + part_cpu
     for driver in drivers:
         driver.join(timeout=10)
-    return latencies, errors
+    return Load(latencies, errors, skipped, cpu)
 
 
 def serve_echo(fed_root: str, threads: int, ports, stop) -> None:
@@ -250,16 +280,21 @@ def echo_baseline(spawn, indexed: list[tuple[int, str]], work: Path, fed, args) 
         address = f"127.0.0.1:{ports.get(timeout=60)}"
         meter = DaemonMeter(server.pid)
         end = time.monotonic() + args.baseline_s
-        latencies, errors = drive(spawn, indexed, work, address, args, lambda: time.monotonic() > end)
+        load = drive(spawn, indexed, work, address, args, lambda: time.monotonic() > end)
         cpu = meter.cpu_seconds()
         meter.stop()
     finally:
         stop.set()
         server.join(timeout=10)
-    seconds = [s for _, s in latencies]
-    return {"seconds": args.baseline_s, "heartbeats": len(seconds), "errors": len(errors),
-            "heartbeat_ms": {"p50": percentile(seconds, 0.5) * 1e3, "p99": percentile(seconds, 0.99) * 1e3},
-            "server_cpu_s": cpu}
+    return {"seconds": args.baseline_s, **heartbeat_summary(load), "server_cpu_s": cpu}
+
+
+def heartbeat_summary(load: Load) -> dict:
+    seconds = [s for _, s in load.latencies]
+    return {"heartbeats": len(seconds), "heartbeats_skipped": load.skipped, "errors": len(load.errors),
+            "heartbeat_ms": {"p50": percentile(seconds, 0.5) * 1e3, "p99": percentile(seconds, 0.99) * 1e3,
+                             "max": max(seconds, default=float("nan")) * 1e3},
+            "load_generators_cpu_s": load.cpu_s}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -329,7 +364,7 @@ def main() -> None:
             done = bool(rows) and rows[0]["state"] == "done"
             return done or time.monotonic() > deadline
 
-        latencies, errors = drive(spawn, indexed, work, coord.address, args, finished)
+        load = drive(spawn, indexed, work, coord.address, args, finished)
         run_s = time.perf_counter() - run_started
         run_cpu = meter.cpu_seconds() - cpu_before
         rounds = json.loads(coord_cli("rounds", "--dir", str(coord.fed.root), "--json"))
@@ -341,20 +376,17 @@ def main() -> None:
         coord.kill()
     burst_windows = [(r["started_unix"], last_accepted[r["round"]]) for r in rounds
                      if r["round"] >= 1 and r["round"] in last_accepted]  # round opened -> its last upload accepted
-    in_burst = [s for t, s in latencies if any(a <= t <= b for a, b in burst_windows)]
-    all_s = [s for _, s in latencies]
+    in_burst = [s for t, s in load.latencies if any(a <= t <= b for a, b in burst_windows)]
     result = {
         "sites": args.sites, "procs": args.procs, "rounds": args.rounds, "daemon_threads": args.threads, "done": done,
         "heartbeats_spread": not args.burst, "baseline_echo": baseline,
         "tokens_per_s": args.sites / token_s, "enrollments_per_s": args.sites / enroll_s,
-        "heartbeats": len(all_s), "heartbeat_ms": {"p50": percentile(all_s, 0.5) * 1e3,
-                                                   "p99": percentile(all_s, 0.99) * 1e3, "max": max(all_s) * 1e3},
-        "heartbeats_in_bursts": len(in_burst),
+        **heartbeat_summary(load), "heartbeats_in_bursts": len(in_burst),
         "heartbeat_in_burst_ms": {"p50": percentile(in_burst, 0.5) * 1e3, "p99": percentile(in_burst, 0.99) * 1e3},
         "round_s": [r["finished_unix"] - r["started_unix"] for r in rounds if r["round"] >= 1],
         "upload_burst_s": [b - a for a, b in burst_windows],
         "run_s": run_s, "daemon_cpu_s": {"enrollment": enroll_cpu, "run": run_cpu}, "daemon_peak_rss_mib": peak,
-        "errors": len(errors), "first_errors": errors[:5],
+        "first_errors": load.errors[:5],
     }
     print(json.dumps(result, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
