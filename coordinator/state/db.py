@@ -136,7 +136,8 @@ RUN_COLUMNS = "runs.*, (SELECT COUNT(*) FROM runs AS earlier WHERE earlier.rowid
 # State.poll_view: one row whatever exists (the LEFT JOINs from a one-row table), columns prefixed where names clash.
 POLL_VIEW = f"""
 SELECT c.cert_fingerprint AS c_fingerprint, c.revoked AS c_revoked, run.*,
-    rd.phase AS r_phase, rd.attempt AS r_attempt, rd.base_digest AS r_base_digest, rd.deadline AS r_deadline,
+    rd.run_id AS r_run_id, rd.round AS r_round, rd.phase AS r_phase, rd.attempt AS r_attempt,
+    rd.base_digest AS r_base_digest, rd.deadline AS r_deadline,
     rd.started_at AS r_started_at, rd.finished_at AS r_finished_at, rd.global_digest AS r_global_digest,
     a.state AS a_state, g.digest AS g_digest, g.run_id AS g_run_id, g.round AS g_round, g.size AS g_size,
     g.record_json AS g_record_json, g.signature AS g_signature, g.created_at AS g_created_at
@@ -376,8 +377,7 @@ class State:
         it uses (a site's Poll goes through `poll`, which checks it). True if such a site is enrolled."""
         if self._one("SELECT 1 FROM clients WHERE name=?", (name,)) is None:
             return False
-        self._queue_heartbeat(name, Heartbeat(activity, detail, bytes_done, bytes_total, self.now(), run_id or None,
-                                              step, steps_total, None))
+        self._queue_heartbeat(name, activity, detail, bytes_done, bytes_total, run_id, step, steps_total, None)
         return True
 
     def poll(self, name: str, fingerprint: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int,
@@ -386,11 +386,12 @@ class State:
         enrolled with certificate `fingerprint` and not revoked; otherwise nothing is recorded."""
         view = self.poll_view(name)
         if view.cert_fingerprint == fingerprint and not view.revoked:
-            self._queue_heartbeat(name, Heartbeat(activity, detail, bytes_done, bytes_total, self.now(),
-                                                  run_id or None, step, steps_total, fingerprint))
+            self._queue_heartbeat(name, activity, detail, bytes_done, bytes_total, run_id, step, steps_total,
+                                  fingerprint)
         return view
 
-    def _queue_heartbeat(self, name: str, beat: Heartbeat) -> None:
+    def _queue_heartbeat(self, name: str, activity: Activity, detail: str, bytes_done: int, bytes_total: int,
+                         run_id: str | None, step: int, steps_total: int, fingerprint: str | None) -> None:
         """Accepted heartbeats are kept in memory, the newest per site, and written in one batch by
         `flush_heartbeats` (the daemon calls it every server.HEARTBEAT_FLUSH_SECONDS; `live_clients`, `close`,
         enrollment and revocation call it too): a Poll neither takes the writer's lock nor waits behind a durable
@@ -398,23 +399,18 @@ class State:
         loses the heartbeats of its last flush period (sites poll again within a second); the batch is not
         fsync'd on its own (the next durable transition's fsync covers it), so a power loss may lose last-seen
         times a few seconds old."""
-        self._heartbeats.put(name, beat)
+        self._heartbeats.put(name, Heartbeat(activity, detail, bytes_done, bytes_total, self.now(), run_id or None,
+                                             step, steps_total, fingerprint))
 
     def poll_view(self, name: str) -> PollView:
         """Site `name`'s PollView, in one statement: under load every SQLite call costs a wait for the GIL (it is
         released around each step), so a Poll's five reads cost five such waits (docs/performance.md, section 6)."""
         row = self._one(POLL_VIEW, (name, name))
         run = _run(row) if row["run_id"] is not None else None
-        rnd = None
-        if row["r_phase"] is not None:
-            rnd = Round(run.run_id, run.round, RoundPhase(row["r_phase"]), row["r_attempt"], row["r_base_digest"],
-                        row["r_deadline"], row["r_started_at"], row["r_finished_at"], row["r_global_digest"])
-        base = None
-        if row["g_digest"] is not None:
-            base = GlobalVersion(row["g_digest"], row["g_run_id"], row["g_round"], row["g_size"], row["g_record_json"],
-                                 row["g_signature"], row["g_created_at"])
-        return PollView(row["c_fingerprint"], bool(row["c_revoked"]), run, rnd,
-                        AssignmentState(row["a_state"]) if row["a_state"] is not None else None, base)
+        return PollView(row["c_fingerprint"], bool(row["c_revoked"]), run,
+                        _round(row, "r_") if row["r_phase"] is not None else None,
+                        AssignmentState(row["a_state"]) if row["a_state"] is not None else None,
+                        _global(row, "g_") if row["g_digest"] is not None else None)
 
     def flush_heartbeats(self) -> int:
         """Write the pending heartbeats in one (non-fsync'd) transaction; returns how many there were."""
@@ -532,10 +528,7 @@ class State:
     def round(self, run_id: str, number: int) -> Round | None:
         """Round `number` of the run (the final evaluation is the round after the last)."""
         row = self._one("SELECT * FROM rounds WHERE run_id=? AND round=?", (run_id, number))
-        if row is None:
-            return None
-        return Round(row["run_id"], row["round"], RoundPhase(row["phase"]), row["attempt"], row["base_digest"],
-                     row["deadline"], row["started_at"], row["finished_at"], row["global_digest"])
+        return _round(row) if row else None
 
     def assignments(self, run_id: str, number: int) -> dict[str, AssignmentState]:
         """Site -> its state, for every site sampled in the round (every attempt)."""
@@ -903,6 +896,14 @@ def _secagg_round(row: sqlite3.Row) -> SecAggRound:
                        row["deadline"], row["reason"])
 
 
-def _global(row: sqlite3.Row) -> GlobalVersion:
-    return GlobalVersion(row["digest"], row["run_id"], row["round"], row["size"], row["record_json"],
-                         row["signature"], row["created_at"])
+def _global(row: sqlite3.Row, prefix: str = "") -> GlobalVersion:
+    """`prefix`: of the columns' names in `row` (a joined read such as POLL_VIEW)."""
+    return GlobalVersion(row[prefix + "digest"], row[prefix + "run_id"], row[prefix + "round"], row[prefix + "size"],
+                         row[prefix + "record_json"], row[prefix + "signature"], row[prefix + "created_at"])
+
+
+def _round(row: sqlite3.Row, prefix: str = "") -> Round:
+    """`prefix`: of the columns' names in `row` (a joined read such as POLL_VIEW)."""
+    return Round(row[prefix + "run_id"], row[prefix + "round"], RoundPhase(row[prefix + "phase"]),
+                 row[prefix + "attempt"], row[prefix + "base_digest"], row[prefix + "deadline"],
+                 row[prefix + "started_at"], row[prefix + "finished_at"], row[prefix + "global_digest"])
