@@ -172,7 +172,7 @@ def _rounds(state: State, run_id: str) -> list[dict[str, Any]]:
     rows = []
     for g in state.globals(run_id):
         rnd = state.round(run_id, g.round)
-        rows.append({"round": g.round, "phase": "done", "global_digest": g.digest,
+        rows.append({"round": g.round, "phase": "done", "global_digest": g.digest, "global_bytes": g.size,
                      "num_updates": counts.get(g.round, 0) if g.round else 0,
                      "eval_metrics": weighted_metrics(evals.get(g.round, [])),
                      "server_metrics": server.get(g.round, {}),

@@ -133,11 +133,17 @@ def change_key(status: dict[str, Any]) -> str:
     return json.dumps({**rest, "clients": [strip(c) for c in status.get("clients", [])]}, sort_keys=True)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**10:.1f} KiB" if nbytes < 2**20 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def rounds_table(status: dict[str, Any]) -> Table:
-    """One row per global version of the run: updates, the headline eval metric, examples, DP epsilon if any."""
+    """One row per global version of the run: its size, updates, the headline eval metric, examples, DP epsilon if
+    any."""
     table = Table(title="global versions")
     dp = any("dp_epsilon" in r.get("server_metrics", {}) for r in status.get("rounds", []))
-    for col in ("round", "global", "updates", "eval metric", "eval examples") + (("DP epsilon",) if dp else ()):
+    for col in ("round", "global", "global size", "updates", "eval metric", "eval examples") + \
+            (("DP epsilon",) if dp else ()):
         table.add_column(col, justify="right")
     for r in status.get("rounds", []):
         m = r.get("eval_metrics", {})
@@ -146,6 +152,7 @@ def rounds_table(status: dict[str, Any]) -> Table:
         server = r.get("server_metrics", {})
         extra = (f"{server['dp_epsilon']:.3g} at {server.get('dp_delta', 0):.0e}" if "dp_epsilon" in server
                  else "-",) if dp else ()
-        table.add_row(str(r.get("round", 0)), r.get("global_digest", "")[:12], str(r.get("num_updates", 0)), acc,
+        table.add_row(str(r.get("round", 0)), r.get("global_digest", "")[:12], _size(r.get("global_bytes", 0)),
+                      str(r.get("num_updates", 0)), acc,
                       str(int(m.get("num_examples", 0))) if m else "-", *extra)
     return table

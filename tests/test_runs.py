@@ -22,7 +22,7 @@ from fedvlm.coordinator.runs import (
 from fedvlm.coordinator.state import Activity, MetricsKind, RunState, TransitionRefused
 from fedvlm.coordinator.status import document, local_document, snapshot
 from fedvlm.spec import TaskSpec
-from fedvlm.status_view import change_key, summary_line, view
+from fedvlm.status_view import change_key, rounds_table, summary_line, view
 from fedvlm.wire.v1 import admin_pb2
 
 from .inprocess import InProcessCoordinator, tensors
@@ -164,6 +164,17 @@ def test_each_rounds_row_lists_every_sites_training_seconds_and_steps_of_that_ro
     assert rows[1]["training"] == [{"client": "a", "seconds": 4.0, "steps": 9},
                                    {"client": "b", "seconds": 2.0, "steps": 7},
                                    {"client": "c", "seconds": 3.0, "steps": 7}]
+
+
+def test_each_rounds_row_gives_the_size_of_its_stored_global(tmp_path):
+    coord = InProcessCoordinator(tmp_path, ONE_ROUND)
+    coord.open_round_one()
+    finish_round(coord)
+    rows = status(coord)["rounds"]
+    assert [r["round"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["global_bytes"] == coord.blobs.path(row["global_digest"]).stat().st_size > 0
+    assert "global size" in _text(rounds_table(status(coord))) and " KiB" in _text(rounds_table(status(coord)))
 
 
 def _text(renderable) -> str:

@@ -78,7 +78,7 @@ class RunSummary(_message.Message):
     def __init__(self, number: _Optional[int] = ..., run_id: _Optional[str] = ..., state: _Optional[str] = ..., rounds_done: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model: _Optional[str] = ..., strategy: _Optional[str] = ..., algorithm: _Optional[str] = ..., created_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., stop_reason: _Optional[str] = ..., config_source: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "phase", "global_digest", "num_updates", "eval_metrics", "started_unix", "finished_unix", "server_metrics", "training")
+    __slots__ = ("round", "phase", "global_digest", "num_updates", "eval_metrics", "started_unix", "finished_unix", "server_metrics", "training", "global_bytes")
     class EvalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class RoundStatus(_message.Message):
     FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
     SERVER_METRICS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: str
     global_digest: str
@@ -111,7 +112,8 @@ class RoundStatus(_message.Message):
     finished_unix: float
     server_metrics: _containers.ScalarMap[str, float]
     training: _containers.RepeatedCompositeFieldContainer[SiteTraining]
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., server_metrics: _Optional[_Mapping[str, float]] = ..., training: _Optional[_Iterable[_Union[SiteTraining, _Mapping]]] = ...) -> None: ...
+    global_bytes: int
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., global_digest: _Optional[str] = ..., num_updates: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., server_metrics: _Optional[_Mapping[str, float]] = ..., training: _Optional[_Iterable[_Union[SiteTraining, _Mapping]]] = ..., global_bytes: _Optional[int] = ...) -> None: ...
 
 class SiteTraining(_message.Message):
     __slots__ = ("client", "seconds", "steps")
