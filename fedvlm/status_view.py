@@ -134,6 +134,9 @@ def change_key(status: dict[str, Any]) -> str:
 
 
 def _size(nbytes: int) -> str:
+    """A global's size; "-" where the document has none (a coordinator older than `global_bytes`)."""
+    if not nbytes:
+        return "-"
     return f"{nbytes / 2**10:.1f} KiB" if nbytes < 2**20 else f"{nbytes / 2**20:.1f} MiB"
 
 
