@@ -50,35 +50,44 @@ def download_global(stub: federation_pb2_grpc.FederationStub, info: federation_p
                     progress: Progress | None = None) -> bytes:
     """Fetch the global's bytes into `folder/<digest>`, resuming a partial file, and check its SHA-256.
 
-    Returns the verified bytes; a digest mismatch deletes the partial file and raises VerificationError.
+    The digest is computed as the frames arrive (and over a resumed file's first part before them), so the check
+    adds no pass over the bytes after the last frame. A download finished before a restart is checked again before
+    it is used. Returns the verified bytes; a digest mismatch deletes the file and raises VerificationError.
     """
     final = folder / info.digest
     if final.exists():
-        return final.read_bytes()
+        data = final.read_bytes()
+        if hashlib.sha256(data).hexdigest() == info.digest:
+            return data
+        log.warning("global %s: the kept download does not match its digest; fetching it again", info.digest[:12])
+        final.unlink()
     part = folder / f"{info.digest}.part"
     offset = part.stat().st_size if part.exists() else 0
     if offset > info.size:
         part.unlink()
         offset = 0
+    digest = hashlib.sha256()
     if offset:
         log.info("resuming download of global %s at %d/%d bytes", info.digest[:12], offset, info.size)
+        for _, block in iter_file_chunks(part):
+            digest.update(block)
     with open(part, "ab") as fh:
         for chunk in stub.FetchGlobal(federation_pb2.FetchGlobalRequest(digest=info.digest, offset=offset),
                                       timeout=600):
             if chunk.offset != offset:
                 raise VerificationError(f"download out of order: expected offset {offset}, got {chunk.offset}")
             fh.write(chunk.data)
+            digest.update(chunk.data)  # hashlib releases the GIL here: gRPC keeps receiving meanwhile
             offset += len(chunk.data)
             if progress:
                 progress(offset, info.size)
         fh.flush()
         os.fsync(fh.fileno())
-    data = part.read_bytes()
-    if hashlib.sha256(data).hexdigest() != info.digest:
+    if digest.hexdigest() != info.digest:
         part.unlink()
         raise VerificationError(f"global {info.digest[:12]}: downloaded bytes do not match the signed digest")
     os.replace(part, final)
-    return data
+    return final.read_bytes()
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,27 @@ def test_round_one_hands_out_the_signed_initial_global(fed):
     assert all(torch.equal(got[k], v) for k, v in init_tensors().items())
 
 
+def test_a_global_download_resumes_its_partial_file_and_checks_every_byte(fed, tmp_path):
+    from fedvlm.client.transfer import VerificationError, download_global
+
+    _, sites, task, _ = fed
+    info, stub = task.global_version, sites["b"].stub
+    full = b"".join(c.data for c in stub.FetchGlobal(pb.FetchGlobalRequest(digest=info.digest), timeout=10))
+    half = len(full) // 2
+    resumed, torn, kept = (tmp_path / name for name in ("resumed", "torn", "kept"))
+    for folder in (resumed, torn, kept):
+        folder.mkdir()
+    resumed.joinpath(f"{info.digest}.part").write_bytes(full[:half])  # a download cut halfway: fetched from there
+    assert download_global(stub, info, resumed) == full == resumed.joinpath(info.digest).read_bytes()
+    assert not resumed.joinpath(f"{info.digest}.part").exists()
+    torn.joinpath(f"{info.digest}.part").write_bytes(bytes(half))  # wrong first half: the whole does not verify
+    with pytest.raises(VerificationError, match="do not match the signed digest"):
+        download_global(stub, info, torn)
+    assert list(torn.iterdir()) == []
+    kept.joinpath(info.digest).write_bytes(full[:half] + bytes(len(full) - half))  # a kept file torn by a crash
+    assert download_global(stub, info, kept) == full == kept.joinpath(info.digest).read_bytes()
+
+
 def test_refused_without_client_certificate(fed):
     coord, _, _, _ = fed
     ca = coord.fed.ca_cert.read_bytes()
