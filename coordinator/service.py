@@ -24,7 +24,7 @@ from fedvlm.wire.v1 import (
 
 from .blobs import BlobStore
 from .changes import Changes
-from .config import FederationConfig
+from .config import FederationConfig, RunConfig
 from .enrollment import Enroller
 from .errors import Refused
 from .intake import Intake
@@ -132,18 +132,18 @@ class FederationService(federation_pb2_grpc.FederationServicer):
         if request.wait_s > 0 and assignment.action == Pb.ACTION_WAIT and self._waiting is not None \
                 and self._waiting.acquire(blocking=False):
             try:
-                return self._wait_for_change(name, fingerprint, view, context, assignment, seen, request.wait_s)
+                run_config = view.run.config if view.run else self.config.run
+                return self._wait_for_change(name, fingerprint, run_config, context, assignment, seen, request.wait_s)
             finally:
                 self._waiting.release()
         return assignment
 
-    def _wait_for_change(self, name: str, fingerprint: str, view: PollView, context: grpc.ServicerContext,
+    def _wait_for_change(self, name: str, fingerprint: str, run_config: RunConfig, context: grpc.ServicerContext,
                          first: federation_pb2.Assignment, seen: int, wait_s: float) -> federation_pb2.Assignment:
         """The long-poll: hold `first` (a WAIT) until what the site acts on changes (`_what_to_do`), `wait_s` passes
         (capped at a third of the heartbeat timeout: the site's next poll keeps it live) or the caller goes away.
         The driver's transitions wake it at once; changes made by another process (the CLI's `run new`/`stop`,
         `revoke`, in the database) are seen at the next recheck, every poll_interval, as a polling site saw them."""
-        run_config = view.run.config if view.run else self.config.run
         end = time.monotonic() + min(wait_s, run_config.heartbeat_timeout / 3)
         current = first
         while _what_to_do(current) == _what_to_do(first) and context.is_active():
