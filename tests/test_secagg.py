@@ -68,7 +68,11 @@ def test_a_masked_input_does_not_reveal_the_update():
         decoded = secagg.decode(tensors)
         for key, value in updates[name].items():
             assert not np.allclose(decoded[key], value, atol=1e-3)
-            assert np.corrcoef(decoded[key].ravel(), value.ravel())[0, 1] < 0.9
+        # Over the site's whole update (17 values): a 5-value tensor alone exceeds 0.9 by chance in ~2 % of draws
+        # (the test failed in 18 of 300 runs that way); 17 independent values do so with p ~ 1e-6.
+        keys = sorted(updates[name])
+        whole = [np.concatenate([t[k].ravel() for k in keys]) for t in (decoded, updates[name])]
+        assert np.corrcoef(*whole)[0, 1] < 0.9
 
 
 def test_a_site_never_reveals_both_secrets_of_one_site():
