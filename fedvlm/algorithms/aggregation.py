@@ -94,6 +94,7 @@ def _streaming_mean(config, base, updates, state, round_index):
     clipped = 0
     names = None
     scratch = _Scratch()
+    batch: list[tuple[Tensors, float]] = []  # loaded updates not yet added, with their factors
     for index, update in enumerate(updates):
         if update.weight <= 0:
             raise ValueError(f"update {index}: weight must be positive, got {update.weight}")
@@ -102,13 +103,12 @@ def _streaming_mean(config, base, updates, state, round_index):
         scale = _clip_scale(config, base, tensors)
         clipped += scale < 1.0
         weight = 1.0 if dp else float(update.weight)  # DP bounds each site's influence: equal weights
-        for name in sorted(tensors):  # each tensor is released once added
-            tensor = tensors.pop(name)
-            if name not in acc:
-                acc[name] = torch.empty(tensor.shape, dtype=torch.float64)
-            scratch.add_delta(acc[name], tensor, base[name], weight * scale, first=index == 0)
+        batch.append((tensors, weight * scale))
         _accumulate(aux_sum, aux, 1.0)
         total += weight
+        if len(batch) >= _batch_size(tensors) or index == len(updates) - 1:
+            _add_batch(scratch, acc, base, batch)
+            batch = []
     mean = {n: v.div_(total) for n, v in acc.items()}  # in place: no second float64 copy of the model
     aux_mean = {n: v / len(updates) for n, v in aux_sum.items()}
     metrics: dict[str, float] = {"clipped_updates": float(clipped)} if config.clip_norm > 0 else {}
@@ -118,6 +118,31 @@ def _streaming_mean(config, base, updates, state, round_index):
         for name in sorted(mean):
             mean[name] = mean[name] + torch.randn(mean[name].shape, generator=generator, dtype=torch.float64) * std
     return mean, aux_mean, metrics
+
+
+# Updates added together, a slice at a time: the float64 accumulator and the base cross memory once per batch
+# instead of once per update (bench/aggregation_speed.py: 1.9x a numpy accumulate one at a time, 1.3x four at a
+# time). Bounded in bytes, so memory stays flat in K and large updates are still taken one at a time.
+BATCH_UPDATES = 4
+BATCH_BYTES = 256 << 20
+
+
+def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:
+    """How many updates of this one's size are held and added together."""
+    size = sum(t.nbytes for t in tensors.values())
+    return max(1, min(BATCH_UPDATES, BATCH_BYTES // max(size, 1)))
+
+
+def _add_batch(scratch: _Scratch, acc: Tensors, base: Mapping[str, torch.Tensor],
+               batch: Sequence[tuple[Tensors, float]]) -> None:
+    """acc[name] += alpha * (tensor - base) for every update of the batch in order, tensor by tensor (each is
+    released once added)."""
+    for name in sorted(batch[0][0]):
+        parts = [(tensors.pop(name), alpha) for tensors, alpha in batch]
+        first = name not in acc
+        if first:
+            acc[name] = torch.empty(parts[0][0].shape, dtype=torch.float64)
+        scratch.add_deltas(acc[name], base[name], parts, first)
 
 
 def _noise_seed(state: Mapping[str, torch.Tensor], round_index: int) -> int:
@@ -153,13 +178,15 @@ def _clipped_delta(config: AlgorithmConfig, base: Mapping[str, torch.Tensor],
 
 
 class _Scratch:
-    """acc += alpha * (tensor.double() - base.double()) without a temporary the size of the tensor.
+    """acc += alpha_k * (tensor_k.double() - base.double()) for k = 1..B, without a temporary the size of a tensor.
 
-    The same float64 operations, in the same order, as that expression (so the result is bit-identical to it), done
-    in slices of CHUNK elements through two reused float64 buffers that stay in cache: no allocation and no page
-    fault per tensor and update, and one pass over memory instead of four (torch's mixed-dtype ops would allocate a
-    float64 copy of each input; no library op fuses convert, subtract and scaled add). ``first``: acc holds
-    garbage and becomes alpha * delta (a multiplication, as the first term always was, keeping the sign of zeros).
+    The same float64 operations, in the same order, as that expression applied update after update (so the result
+    is bit-identical to it), done in slices of CHUNK elements through two reused float64 buffers that stay in
+    cache: no allocation and no page fault per tensor and update, the base converted once per slice and batch,
+    and the accumulator's slice read and written while it is in cache for all B updates (torch's mixed-dtype ops
+    would allocate a float64 copy of each input; no library op fuses convert, subtract and scaled add). ``first``:
+    acc holds garbage and becomes alpha_1 * delta_1 (a multiplication, as the first term always was, keeping the
+    sign of zeros).
     """
 
     CHUNK = 1 << 15  # float64 elements per slice: 256 KiB per buffer (two fit in L2)
@@ -168,21 +195,24 @@ class _Scratch:
         self.delta = torch.empty(self.CHUNK, dtype=torch.float64)
         self.base = torch.empty(self.CHUNK, dtype=torch.float64)
 
-    def add_delta(self, acc: torch.Tensor, tensor: torch.Tensor, base: torch.Tensor, alpha: float,
-                  first: bool) -> None:
-        if tensor.shape != base.shape:  # what broadcasting would have raised
-            raise ValueError(f"update tensor of shape {tuple(tensor.shape)} for a base of {tuple(base.shape)}")
-        flat_acc, flat_tensor, flat_base = acc.view(-1), tensor.reshape(-1), base.reshape(-1)
+    def add_deltas(self, acc: torch.Tensor, base: torch.Tensor, parts: Sequence[tuple[torch.Tensor, float]],
+                   first: bool) -> None:
+        for tensor, _ in parts:
+            if tensor.shape != base.shape:  # what broadcasting would have raised
+                raise ValueError(f"update tensor of shape {tuple(tensor.shape)} for a base of {tuple(base.shape)}")
+        flat_acc, flat_base = acc.view(-1), base.reshape(-1)
+        flats = [(tensor.reshape(-1), alpha) for tensor, alpha in parts]
         for start in range(0, flat_acc.numel(), self.CHUNK):
             stop = min(start + self.CHUNK, flat_acc.numel())
-            delta, base_part = self.delta[:stop - start], self.base[:stop - start]
-            delta.copy_(flat_tensor[start:stop])
+            delta, base_part, acc_part = self.delta[:stop - start], self.base[:stop - start], flat_acc[start:stop]
             base_part.copy_(flat_base[start:stop])
-            delta.sub_(base_part)
-            if first:
-                torch.mul(delta, alpha, out=flat_acc[start:stop])
-            else:
-                flat_acc[start:stop].add_(delta, alpha=alpha)
+            for index, (flat, alpha) in enumerate(flats):
+                delta.copy_(flat[start:stop])
+                delta.sub_(base_part)
+                if first and index == 0:
+                    torch.mul(delta, alpha, out=acc_part)
+                else:
+                    acc_part.add_(delta, alpha=alpha)
 
 
 def _accumulate(acc: Tensors, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
