@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedvlm.algorithms import aggregation, build
+from fedvlm.algorithms import aggregation, build, slices
 from fedvlm.algorithms import algorithm_config as AlgorithmSpec
 from fedvlm.algorithms.base import ClientUpdate, split_aux, with_aux
 from fedvlm.algorithms.lora_exact import refactorise
@@ -249,7 +249,7 @@ def test_streaming_mean_is_bit_identical_to_one_float64_delta_per_tensor(clip_no
     """Random data over many magnitudes (and zeros of both signs), tensors smaller and larger than a chunk, a scalar
     and an empty one, weights that are not powers of two."""
     g = torch.Generator().manual_seed(11)
-    shapes = {"big": (3, aggregation._Scratch.CHUNK + 123), "small": (7, 5), "scalar": (), "empty": (0, 4)}
+    shapes = {"big": (3, slices.CHUNK + 123), "small": (7, 5), "scalar": (), "empty": (0, 4)}
 
     def draw(shape):
         values = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g) * 6)
@@ -265,6 +265,61 @@ def test_streaming_mean_is_bit_identical_to_one_float64_delta_per_tensor(clip_no
     for name in want:
         assert got[name].dtype == torch.float64 and got[name].shape == want[name].shape
         assert torch.equal(got[name].view(torch.int64), want[name].view(torch.int64)), name  # bit for bit
+
+
+def _reference_server_step(name, base, delta, state):
+    """The server steps as they were written before the sliced ones: whole-tensor float64 expressions."""
+    if name == "fedavg":
+        return {n: torch.add(d.double(), base[n]).to(base[n].dtype) for n, d in delta.items()}
+    c = build(AlgorithmSpec(name=name)).config
+    out = {}
+    for n, d in delta.items():
+        m_prev, v_prev = state.get(f"m/{n}"), state.get(f"v/{n}")
+        m = d * (1 - c.beta1) if m_prev is None else torch.mul(m_prev.double(), c.beta1).add_(d, alpha=1 - c.beta1)
+        v = torch.full_like(d, c.tau ** 2) if v_prev is None else v_prev.double()
+        if name == "fedadam":
+            v = torch.mul(v, c.beta2).addcmul_(d, d, value=1 - c.beta2)
+        elif name == "fedadagrad":
+            v = torch.addcmul(v, d, d)
+        else:
+            square = d.square()
+            v = torch.addcmul(v, square, torch.sub(v, square).sign_(), value=-(1 - c.beta2))
+        state[f"m/{n}"], state[f"v/{n}"] = m, v
+        x = base[n].to(torch.float64, copy=True)
+        out[n] = x.addcdiv_(m, v.sqrt().add_(c.tau), value=c.eta).to(base[n].dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedadagrad", "fedyogi"])
+def test_server_steps_are_bit_identical_to_whole_tensor_float64_expressions(name, dtype):
+    """Two rounds (moments created, then read back), tensors smaller and larger than a slice, a scalar, an empty
+    one, deltas over many magnitudes with zeros of both signs."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"big": (2, slices.CHUNK + 77), "small": (3, 4), "scalar": (), "empty": (0, 2)}
+
+    def draw(shape, dtype):
+        values = torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp(torch.randn(shape, generator=g) * 4)
+        if values.numel():
+            values.view(-1)[:2] = torch.tensor([0.0, -0.0])[:values.numel()]
+        return values.to(dtype)
+
+    algorithm = build(AlgorithmSpec(name=name))
+    base = {n: draw(s, dtype) for n, s in shapes.items()}
+    state, want_state = {}, {}
+    for _ in range(2):
+        delta = {n: draw(s, torch.float64) for n, s in shapes.items()}
+        want = _reference_server_step(name, base, {n: d.clone() for n, d in delta.items()}, want_state)
+        got = algorithm.server_update(base, delta, state)
+        for n in shapes:
+            assert got[n].dtype == dtype and got[n].shape == want[n].shape
+            assert torch.equal(got[n].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               want[n].view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), n
+        assert set(state) == set(want_state)
+        for key, value in want_state.items():
+            assert state[key].shape == value.shape and torch.equal(state[key].view(torch.int64),
+                                                                   value.view(torch.int64)), key
+        base = got
 
 
 # -- central DP ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import privacy
+from . import privacy, slices
 from .base import ClientUpdate, Tensors
 from .config import AlgorithmConfig
 from .privacy import DP_ROUNDS, Sampling, dp_epsilon  # noqa: F401 - dp_epsilon: the accountant's name since DP landed
@@ -93,7 +93,7 @@ def _streaming_mean(config, base, updates, state, round_index):
     total = 0.0
     clipped = 0
     names = None
-    scratch = _Scratch()
+    deltas = _Deltas()
     batch: list[tuple[Tensors, float]] = []  # loaded updates not yet added, with their factors
     for index, update in enumerate(updates):
         if update.weight <= 0:
@@ -106,10 +106,11 @@ def _streaming_mean(config, base, updates, state, round_index):
         batch.append((tensors, weight * scale))
         _accumulate(aux_sum, aux, 1.0)
         total += weight
-        if len(batch) >= _batch_size(tensors) or index == len(updates) - 1:
-            _add_batch(scratch, acc, base, batch)
+        last = index == len(updates) - 1
+        if len(batch) >= _batch_size(tensors) or last:
+            _add_batch(deltas, acc, base, batch, total if last else None)  # the last batch also divides
             batch = []
-    mean = {n: v.div_(total) for n, v in acc.items()}  # in place: no second float64 copy of the model
+    mean = acc  # divided in place: no second float64 copy of the model
     aux_mean = {n: v / len(updates) for n, v in aux_sum.items()}
     metrics: dict[str, float] = {"clipped_updates": float(clipped)} if config.clip_norm > 0 else {}
     if dp:
@@ -133,16 +134,16 @@ def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:
     return max(1, min(BATCH_UPDATES, BATCH_BYTES // max(size, 1)))
 
 
-def _add_batch(scratch: _Scratch, acc: Tensors, base: Mapping[str, torch.Tensor],
-               batch: Sequence[tuple[Tensors, float]]) -> None:
+def _add_batch(deltas: _Deltas, acc: Tensors, base: Mapping[str, torch.Tensor],
+               batch: Sequence[tuple[Tensors, float]], divisor: float | None) -> None:
     """acc[name] += alpha * (tensor - base) for every update of the batch in order, tensor by tensor (each is
-    released once added)."""
+    released once added); then acc[name] /= divisor unless it is None."""
     for name in sorted(batch[0][0]):
         parts = [(tensors.pop(name), alpha) for tensors, alpha in batch]
         first = name not in acc
         if first:
             acc[name] = torch.empty(parts[0][0].shape, dtype=torch.float64)
-        scratch.add_deltas(acc[name], base[name], parts, first)
+        deltas.add(acc[name], base[name], parts, first, divisor)
 
 
 def _noise_seed(state: Mapping[str, torch.Tensor], round_index: int) -> int:
@@ -177,42 +178,38 @@ def _clipped_delta(config: AlgorithmConfig, base: Mapping[str, torch.Tensor],
     return {n: (t.double() - base[n].double()) * scale for n, t in tensors.items()}, scale < 1.0
 
 
-class _Scratch:
+class _Deltas:
     """acc += alpha_k * (tensor_k.double() - base.double()) for k = 1..B, without a temporary the size of a tensor.
 
     The same float64 operations, in the same order, as that expression applied update after update (so the result
-    is bit-identical to it), done in slices of CHUNK elements through two reused float64 buffers that stay in
-    cache: no allocation and no page fault per tensor and update, the base converted once per slice and batch,
-    and the accumulator's slice read and written while it is in cache for all B updates (torch's mixed-dtype ops
-    would allocate a float64 copy of each input; no library op fuses convert, subtract and scaled add). ``first``:
-    acc holds garbage and becomes alpha_1 * delta_1 (a multiplication, as the first term always was, keeping the
-    sign of zeros).
+    is bit-identical to it), a slice at a time (slices.py): the base converted once per slice and batch, and the
+    accumulator's slice read and written while it is in cache for all B updates. ``first``: acc holds garbage and
+    becomes alpha_1 * delta_1 (a multiplication, as the first term always was, keeping the sign of zeros).
+    ``divisor``: the slice is then divided by it (the mean's last step, while the slice is in cache).
     """
 
-    CHUNK = 1 << 15  # float64 elements per slice: 256 KiB per buffer (two fit in L2)
-
     def __init__(self) -> None:
-        self.delta = torch.empty(self.CHUNK, dtype=torch.float64)
-        self.base = torch.empty(self.CHUNK, dtype=torch.float64)
+        self.scratch = slices.Scratch(2)
 
-    def add_deltas(self, acc: torch.Tensor, base: torch.Tensor, parts: Sequence[tuple[torch.Tensor, float]],
-                   first: bool) -> None:
+    def add(self, acc: torch.Tensor, base: torch.Tensor, parts: Sequence[tuple[torch.Tensor, float]],
+            first: bool, divisor: float | None) -> None:
         for tensor, _ in parts:
             if tensor.shape != base.shape:  # what broadcasting would have raised
                 raise ValueError(f"update tensor of shape {tuple(tensor.shape)} for a base of {tuple(base.shape)}")
-        flat_acc, flat_base = acc.view(-1), base.reshape(-1)
-        flats = [(tensor.reshape(-1), alpha) for tensor, alpha in parts]
-        for start in range(0, flat_acc.numel(), self.CHUNK):
-            stop = min(start + self.CHUNK, flat_acc.numel())
-            delta, base_part, acc_part = self.delta[:stop - start], self.base[:stop - start], flat_acc[start:stop]
-            base_part.copy_(flat_base[start:stop])
-            for index, (flat, alpha) in enumerate(flats):
-                delta.copy_(flat[start:stop])
+        flat_acc, flat_base = acc.view(-1), slices.flat(base)
+        flats = [(slices.flat(tensor), alpha) for tensor, alpha in parts]
+        for part, (delta, base_part) in self.scratch.slices(flat_acc.numel()):
+            acc_part = flat_acc[part]
+            base_part.copy_(flat_base[part])
+            for index, (values, alpha) in enumerate(flats):
+                delta.copy_(values[part])
                 delta.sub_(base_part)
                 if first and index == 0:
                     torch.mul(delta, alpha, out=acc_part)
                 else:
                     acc_part.add_(delta, alpha=alpha)
+            if divisor is not None:
+                acc_part.div_(divisor)
 
 
 def _accumulate(acc: Tensors, tensors: Mapping[str, torch.Tensor], weight: float) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import AlgorithmConfig
+from .slices import Scratch, plus
 
 if TYPE_CHECKING:
     from .privacy import Sampling
@@ -128,8 +129,10 @@ class Algorithm:
 
     def server_update(self, base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
                       state: Tensors) -> Tensors:
-        """x' = x + d (in float64, returned in the base's dtype); may read and update `state` in place."""
-        return {n: torch.add(d.double(), base[n]).to(base[n].dtype) for n, d in delta.items()}  # no float64 base copy
+        """x' = x + d (in float64, returned in the base's dtype); may read and update `state` in place, and may
+        overwrite `delta`, which is the step's own."""
+        scratch = Scratch(1)
+        return {n: plus(base[n], d, scratch) for n, d in delta.items()}
 
     def server_aux(self, aux_mean: Mapping[str, torch.Tensor], num_updates: int, state: Tensors) -> Tensors:
         """Aux tensors published with the new global (none by default)."""

@@ -20,8 +20,8 @@ class FedAdagradConfig(FedOptConfig):
 
 
 class FedAdagrad(FedOpt):
-    def second_moment(self, v, d):
-        return torch.addcmul(v, d, d)
+    def second_moment(self, v, d, out):
+        torch.addcmul(v, d, d, out=out)
 
 
 register(FedAdagradConfig, FedAdagrad)

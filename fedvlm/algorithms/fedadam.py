@@ -20,8 +20,8 @@ class FedAdamConfig(FedOptConfig):
 
 
 class FedAdam(FedOpt):
-    def second_moment(self, v, d):
-        return torch.mul(v, self.config.beta2).addcmul_(d, d, value=1 - self.config.beta2)
+    def second_moment(self, v, d, out):
+        torch.mul(v, self.config.beta2, out=out).addcmul_(d, d, value=1 - self.config.beta2)
 
 
 register(FedAdamConfig, FedAdam)

@@ -21,9 +21,9 @@ class FedYogiConfig(FedOptConfig):
 
 
 class FedYogi(FedOpt):
-    def second_moment(self, v, d):
+    def second_moment(self, v, d, out):
         square = d.square()
-        return torch.addcmul(v, square, torch.sub(v, square).sign_(), value=-(1 - self.config.beta2))
+        torch.addcmul(v, square, torch.sub(v, square).sign_(), value=-(1 - self.config.beta2), out=out)
 
 
 register(FedYogiConfig, FedYogi)

@@ -160,7 +160,9 @@ def run_trial(config: BenchConfig, seed: int, data: SiteData, out: Path, progres
                 result = algorithm.aggregate(base, updates, server_state, rnd, sampling)
                 server_state = result.state
                 server_metrics = result.metrics
-                global_state = next_global(base, result)
+                # Compact copies: a server step may return views of its float64 delta's memory (slices.plus),
+                # twice a float32 global's bytes, and this global is kept for a whole round.
+                global_state = {n: t.clone() for n, t in next_global(base, result).items()}
             elif exp.baseline == "centralized":
                 global_state = local_states["union"]
             evaluate = rnd % exp.eval_every == 0 or rnd == exp.rounds
