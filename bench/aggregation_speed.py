@@ -15,6 +15,7 @@ moments), which the floor does not do. Run it with PYTHONPATH pointing at anothe
 DIR/fedvlm/...) to measure that tree's aggregation against the same floor.
 
     python bench/aggregation_speed.py [--size-mb 64] [--ks 2,8,32] [--repeats 3] [--threads 1] [--json PATH]
+                                      [--plot PATH]
 """
 
 from __future__ import annotations
@@ -82,6 +83,32 @@ def floor(base, pool, k: int) -> float:
     return time.perf_counter() - started
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Product / floor per K for each algorithm, the mean alone beside them, and the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({r["k"] for r in rows})
+    names = list(dict.fromkeys(r["algorithm"] for r in rows))
+    width = 0.8 / (len(names) + 1)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, name in enumerate(names):
+        ratios = [next(r["ratio"] for r in rows if r["algorithm"] == name and r["k"] == k) for k in ks]
+        ax.bar([j + i * width for j in range(len(ks))], ratios, width, label=f"{name}: server step")
+    means = [statistics.median(r["mean_ratio"] for r in rows if r["k"] == k) for k in ks]
+    ax.bar([j + len(names) * width for j in range(len(ks))], means, width, color="grey", label="the mean alone")
+    ax.axhline(TARGET_RATIO, color="red", linestyle="--", label=f"target {TARGET_RATIO}x")
+    ax.set_xticks([j + len(names) * width / 2 for j in range(len(ks))], [f"K = {k}" for k in ks])
+    ax.set_ylabel("time / numpy float64 accumulate")
+    ax.set_title(f"aggregation of K x {rows[0]['size_mb']} MiB updates against the floor, same run", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=64)
@@ -91,6 +118,7 @@ def main() -> None:
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--json", type=Path,
                         default=Path(tempfile.gettempdir()) / "fedvlm-bench" / "aggregation_speed.json")
+    parser.add_argument("--plot", type=Path, default=None, help="write a bar chart of the ratios (PNG)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import fedvlm.algorithms.aggregation as aggregation
@@ -126,6 +154,9 @@ def main() -> None:
     args.json.write_text(json.dumps({"machine": machine_info(), "aggregation_module": aggregation.__file__,
                                      "threads": args.threads, "rows": rows}, indent=2))
     print(f"JSON: {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How the sites' deltas become one delta: weighted mean, robust aggregators, norm clipping and central DP.
 
-- mean: sum_k n_k d_k / sum_k n_k, streamed (one update in memory at a time).
+- mean: sum_k n_k d_k / sum_k n_k, streamed (a batch of at most BATCH_UPDATES updates, BATCH_BYTES, in memory).
 - median: coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
   Statistical Rates"); trimmed_mean: per coordinate, drop the `trim_ratio` largest and smallest values (same paper).
 - krum / multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient

@@ -53,7 +53,7 @@ def with_aux(adapter: Mapping[str, torch.Tensor], aux: Mapping[str, torch.Tensor
 class ClientUpdate:
     """One accepted site update: its weight (example count) and a loader of (adapter tensors, aux tensors).
 
-    Loading is deferred so that streaming aggregators hold one update in memory at a time.
+    Loading is deferred so that streaming aggregators hold a bounded number of updates in memory, whatever K.
     """
 
     weight: float
