@@ -319,8 +319,8 @@ class Agent:
             return
         if secure is not None:
             secure.join()  # keys and shares before training: a site lost while training is a dropout
-        learner, global_bytes = self._load_global(stub, assignment)
-        self._report_eval(stub, assignment, learner)
+        learner, global_bytes, global_state = self._load_global(stub, assignment)
+        self._report_eval(stub, assignment, learner)  # evaluation leaves the loaded global as it is
         self.activity.set(pb.CLIENT_STATE_TRAINING, f"round {assignment.round}")
 
         logged = ProgressLog(f"round {assignment.round}", self.progress_every)
@@ -331,7 +331,7 @@ class Agent:
             logged.step(step, total)
 
         client_state = self._algorithm_state(assignment.run_id, assignment.round)
-        step = self._round_step(learner, assignment, global_bytes, client_state, progress)
+        step = self._round_step(learner, assignment, global_bytes, global_state, client_state, progress)
         result = step.result
         log.info("round %d: trained %d steps on %d examples in %.1fs (loss %.3f -> %.3f)", assignment.round,
                  result.steps, result.num_examples, result.seconds, result.loss_first, result.loss_last)
@@ -351,26 +351,27 @@ class Agent:
         if secure is not None:
             secure.reveal()
 
-    def _round_step(self, learner, assignment, global_bytes: bytes, client_state: dict, progress):
+    def _round_step(self, learner, assignment, global_bytes: bytes, global_state: dict, client_state: dict,
+                    progress):
         """The round on this site: ``Learner.federated_round`` in this process, or in every process of the
-        site's data-parallel group (``--nproc``), of which this one is rank 0."""
+        site's data-parallel group (``--nproc``), of which this one is rank 0; `global_state` (the parsed
+        `global_bytes`) is already loaded into this process's model."""
         if learner.spec.train.lr_schedule == "cosine" and assignment.total_rounds < 1:
             raise FatalError("task.train.lr_schedule = \"cosine\" spans the run's rounds, and this coordinator does "
                              "not send their number (upgrade fedvlm-coord)")
-        global_state = adapters.from_bytes(global_bytes)
         if self.workers is None:
             rnd, total = assignment.round, assignment.total_rounds
-            return learner.federated_round(global_state, rnd, total, client_state, progress)
+            return learner.federated_round(global_state, rnd, total, client_state, progress, loaded=True)
         try:
             self.workers.start_round(self._learner_key, global_bytes, assignment.round, assignment.total_rounds,
                                      client_state)
         except WorkerError as exc:
             raise FatalError(str(exc)) from exc
         return learner.federated_round(global_state, assignment.round, assignment.total_rounds, client_state, progress,
-                                       group=self.workers.group)
+                                       group=self.workers.group, loaded=True)
 
     def _evaluate(self, stub, assignment) -> None:
-        learner, _ = self._load_global(stub, assignment)
+        learner, _, _ = self._load_global(stub, assignment)
         self._report_eval(stub, assignment, learner)
 
     def _load_global(self, stub, assignment):
@@ -390,8 +391,9 @@ class Agent:
         except BaseModelMismatch as exc:
             raise FatalError(f"cannot train this run here: {exc}") from exc
         # aux included (FLoRA's stack); re-factorised to a site-local --lora-rank
-        learner.load_global_state(adapters.from_bytes(data), assignment.round)
-        return learner, data
+        global_state = adapters.from_bytes(data)
+        learner.load_global_state(global_state, assignment.round)
+        return learner, data, global_state
 
     # -- the algorithm's client state (e.g. SCAFFOLD's c_i) ---------------------------------------------------
     def _algorithm_state(self, run_id: str, round_index: int) -> dict:

@@ -330,12 +330,15 @@ class Learner:
     def federated_round(self, global_state: Mapping[str, torch.Tensor], round_index: int, total_rounds: int,
                         client_state: Mapping[str, torch.Tensor] | None = None,
                         progress: Callable[[int, int], None] | None = None,
-                        group: DataParallel = SINGLE_PROCESS) -> RoundUpdate:
+                        group: DataParallel = SINGLE_PROCESS, loaded: bool = False) -> RoundUpdate:
         """A site's whole round: load ``global_state`` (the global as published: adapter tensors plus the
         algorithm's aux tensors under the wire prefix), train with ``task.algorithm``'s client hook, and return the
         update, its aux tensors and the new client state (``RoundUpdate``). ``client_state``: what the previous
-        round returned (empty at first). The one round step of the site agent and of the in-process benchmark."""
-        self.load_global_state(dict(global_state), round_index)
+        round returned (empty at first). ``loaded``: ``load_global_state(global_state, round_index)`` was the
+        last change to the model (the agent loads the global to evaluate it first), so it is not loaded again.
+        The one round step of the site agent and of the in-process benchmark."""
+        if not loaded:
+            self.load_global_state(dict(global_state), round_index)
         _, global_aux = split_aux(global_state)
         client_state = dict(client_state or {})
         # the hook sees exactly the parameters this round trains
