@@ -47,25 +47,27 @@ def make_pool(size_mb: int) -> tuple[dict[str, torch.Tensor], list[dict[str, tor
     return base, pool
 
 
-def product(name: str, base, pool, k: int) -> float:
+def _round(name: str, base, pool, k: int):
+    """(algorithm, its initial state, K updates whose loaders return tensors already in memory)."""
     from fedvlm.algorithms import algorithm_config, build
     from fedvlm.algorithms.base import ClientUpdate
 
     algorithm = build(algorithm_config(name=name))
-    state = algorithm.initial_state(base)
     updates = [ClientUpdate(10 + i, lambda u=pool[i % POOL]: (dict(u), {})) for i in range(k)]
+    return algorithm, algorithm.initial_state(base), updates
+
+
+def product(name: str, base, pool, k: int) -> float:
+    algorithm, state, updates = _round(name, base, pool, k)
     started = time.perf_counter()
     algorithm.aggregate(base, updates, state, 1)
     return time.perf_counter() - started
 
 
 def mean_only(name: str, base, pool, k: int) -> float:
-    from fedvlm.algorithms import aggregation, algorithm_config, build
-    from fedvlm.algorithms.base import ClientUpdate
+    from fedvlm.algorithms import aggregation
 
-    algorithm = build(algorithm_config(name=name))
-    state = algorithm.initial_state(base)
-    updates = [ClientUpdate(10 + i, lambda u=pool[i % POOL]: (dict(u), {})) for i in range(k)]
+    algorithm, state, updates = _round(name, base, pool, k)
     started = time.perf_counter()
     aggregation.combine(algorithm.config, base, updates, state, 1)
     return time.perf_counter() - started

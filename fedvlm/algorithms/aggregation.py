@@ -194,10 +194,9 @@ class _Deltas:
     def add(self, acc: torch.Tensor, base: torch.Tensor, parts: Sequence[tuple[torch.Tensor, float]],
             first: bool, divisor: float | None) -> None:
         for tensor, _ in parts:
-            if tensor.shape != base.shape:  # what broadcasting would have raised
-                raise ValueError(f"update tensor of shape {tuple(tensor.shape)} for a base of {tuple(base.shape)}")
-        flat_acc, flat_base = acc.view(-1), slices.flat(base)
-        flats = [(slices.flat(tensor), alpha) for tensor, alpha in parts]
+            slices.check_shape(tensor, base, "update tensor")
+        flat_acc, flat_base = acc.view(-1), base.reshape(-1)
+        flats = [(tensor.reshape(-1), alpha) for tensor, alpha in parts]
         for part, (delta, base_part) in self.scratch.slices(flat_acc.numel()):
             acc_part = flat_acc[part]
             base_part.copy_(flat_base[part])

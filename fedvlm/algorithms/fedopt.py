@@ -58,15 +58,14 @@ class FedOpt(Algorithm):
         out = {}
         for name, delta_tensor in delta.items():
             m_prev, v_prev = state.get(f"m/{name}"), state.get(f"v/{name}")
-            d = slices.flat(delta_tensor.double())
-            m_prev = None if m_prev is None else slices.flat(m_prev.double())
-            v_prev = None if v_prev is None else slices.flat(v_prev.double())
             x_prev = base[name]
-            if d.numel() != x_prev.numel():
-                raise ValueError(f"delta of shape {tuple(delta_tensor.shape)} for a base of {tuple(x_prev.shape)}")
+            slices.check_shape(delta_tensor, x_prev, "delta")
+            d = delta_tensor.double().reshape(-1)
+            m_prev = None if m_prev is None else m_prev.double().reshape(-1)
+            v_prev = None if v_prev is None else v_prev.double().reshape(-1)
             v = torch.empty_like(d)
             x = torch.empty(x_prev.shape, dtype=x_prev.dtype)
-            flat_x, flat_base = x.view(-1), slices.flat(x_prev)
+            flat_x, flat_base = x.view(-1), x_prev.reshape(-1)
             for part, (a, b) in scratch.slices(d.numel()):
                 d_part, v_part = d[part], v[part]
                 self.second_moment(a.fill_(c.tau ** 2) if v_prev is None else v_prev[part], d_part, v_part)

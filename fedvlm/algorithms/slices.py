@@ -30,9 +30,11 @@ class Scratch:
             yield slice(start, stop), [buffer[:stop - start] for buffer in self._buffers]
 
 
-def flat(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat view of a contiguous tensor (a flat copy otherwise)."""
-    return tensor.reshape(-1)
+def check_shape(tensor: torch.Tensor, base: torch.Tensor, what: str) -> None:
+    """The ValueError whole-tensor broadcasting would have raised for a `what` ("delta", "update tensor") whose
+    shape is not the base's."""
+    if tensor.shape != base.shape:
+        raise ValueError(f"{what} of shape {tuple(tensor.shape)} for a base of {tuple(base.shape)}")
 
 
 def plus(base: torch.Tensor, delta: torch.Tensor, scratch: Scratch) -> torch.Tensor:
@@ -43,9 +45,8 @@ def plus(base: torch.Tensor, delta: torch.Tensor, scratch: Scratch) -> torch.Ten
     the size of the model, so no page faults). That is safe slice by slice in order: slice [s, e) of the result
     occupies bytes [k s, k e) of the delta (k = the base's element size, at most 8), whose elements were all read
     by the time slice [s, e) has been copied into the buffer."""
-    if delta.shape != base.shape:
-        raise ValueError(f"delta of shape {tuple(delta.shape)} for a base of {tuple(base.shape)}")
-    flat_delta, flat_base = flat(delta), flat(base)
+    check_shape(delta, base, "delta")
+    flat_delta, flat_base = delta.reshape(-1), base.reshape(-1)
     if delta.dtype == torch.float64 and delta.is_contiguous() and base.element_size() <= delta.element_size():
         flat_out = flat_delta.view(torch.uint8)[:flat_delta.numel() * base.element_size()].view(base.dtype)
     else:
