@@ -12,8 +12,11 @@ local test split, signing and uploading the update, the coordinator's checks, ag
 reported apart (it also holds the sites' model build, unless it was done while they waited). The update's size is
 the stored global's (`global_bytes`).
 
-    python bench/round_overhead.py [--rounds 6] [--max-steps 4] [--update small|64mib] [--json PATH] [--plot PATH]
-                                   [--baseline-pythonpath DIR]
+    python bench/round_overhead.py [--rounds 6] [--max-steps 4] [--update small|64mib] [--sites 3] [--json PATH]
+                                   [--plot PATH] [--baseline-pythonpath DIR]
+
+`--sites N` changes how many sites train (issue 12's federation has 3); with `--sites 1` a site and the daemon
+have about a core each, as on sites with hosts of their own, instead of three sites sharing the machine's cores.
 
 `--baseline-pythonpath DIR` runs the same federation first with the coordinator and the sites from DIR (a tree laid
 out as DIR/fedvlm/{coordinator,client,...}, e.g. the commit before a change) and reports both.
@@ -38,7 +41,7 @@ sys.path.insert(0, str(REPO))  # tests/harness.py
 # layer of the tiny LLaVA's language model (2,048 x 4,096 values a layer, 2 layers) plus the connector, 64.1 MiB each
 # way: the bytes of a real model's adapter on the tiny model's compute.
 UPDATES = {"small": (8, ["q_proj", "v_proj"], 0.2), "64mib": (4096, ["all-linear"], 1.5)}
-SITES = 3
+SITES = 3  # issue 12's federation
 
 CONFIG = """
 name = "bench-rounds"
@@ -119,7 +122,7 @@ def print_table(name: str, result: dict, target: float) -> None:
           f"{size}); round 1: {s['round1_overhead_s']:.3f}s")
 
 
-def plot(results: dict, path: Path, target: float) -> None:
+def plot(results: dict, path: Path, target: float, sites: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +139,7 @@ def plot(results: dict, path: Path, target: float) -> None:
     ax.set_ylabel("seconds")
     ax.set_yscale("log")
     size = results["fedvlm"]["summary"]["update_bytes"]  # a baseline tree may predate `global_bytes`
-    ax.set_title("Round overhead = wall - slowest training (3 sites, tiny LLaVA, mTLS"
+    ax.set_title(f"Round overhead = wall - slowest training ({sites} site{'s' if sites > 1 else ''}, tiny LLaVA, mTLS"
                  + (f", {size / 2**20:.1f} MiB updates)" if size else ")"), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -151,6 +154,7 @@ def main() -> None:
     parser.add_argument("--update", choices=sorted(UPDATES), default="small",
                         help="small: LoRA r8 on q/v + connector (130 KB); 64mib: r4096 on every linear layer")
     parser.add_argument("--baseline-pythonpath", type=Path, default=None)
+    parser.add_argument("--sites", type=int, default=SITES, help=f"sites training each round (default {SITES})")
     parser.add_argument("--json", type=Path,
                         default=Path(tempfile.gettempdir()) / "fedvlm-bench" / "round_overhead.json")
     parser.add_argument("--plot", type=Path, default=None)
@@ -158,6 +162,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be >= 3 (the median is over rounds 2..N)")
+    if args.sites < 1:
+        parser.error("--sites must be >= 1")
     from fedvlm.data.digits import build_digits
     from fedvlm.vlm.presets import preset_dir
     from tests.harness import small_sites
@@ -165,11 +171,11 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fedvlm-rounds-"))
     cache = work / "cache"
     os.environ["FEDVLM_CACHE"] = str(cache)
-    preset_dir("tiny-llava")  # built once here, not by three sites racing
-    digits = build_digits(work / "digits", sites=SITES).root
-    data = small_sites(digits, work, SITES, train=64, test=8)
+    preset_dir("tiny-llava")  # built once here, not by the sites racing
+    digits = build_digits(work / "digits", sites=args.sites).root
+    data = small_sites(digits, work, args.sites, train=64, test=8)
     lora_r, lora_targets, target_s = UPDATES[args.update]
-    config = CONFIG.format(rounds=args.rounds, sites=SITES, max_steps=args.max_steps, lora_r=lora_r,
+    config = CONFIG.format(rounds=args.rounds, sites=args.sites, max_steps=args.max_steps, lora_r=lora_r,
                            lora_targets=json.dumps(lora_targets))
     results = {}
     if args.baseline_pythonpath:
@@ -181,11 +187,11 @@ def main() -> None:
         print_table(name, result, target_s)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine_info(), "rounds": args.rounds, "max_steps": args.max_steps,
-                                     "sites": SITES, "update": args.update, "target_s": target_s,
+                                     "sites": args.sites, "update": args.update, "target_s": target_s,
                                      "results": results}, indent=2))
     print(f"\nJSON: {args.json}")
     if args.plot:
-        plot(results, args.plot, target_s)
+        plot(results, args.plot, target_s, args.sites)
         print(f"plot: {args.plot}")
 
 
