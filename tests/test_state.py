@@ -335,3 +335,22 @@ def test_pending_heartbeats_are_written_before_a_revocation_and_never_for_a_repl
     clock.advance(5)
     state.poll("b", "fp-b", Activity.TRAINING, "", 0, 0)  # the old certificate: not recorded
     assert state.flush_heartbeats() == 0 and state.client("b").last_seen == clock() - 5
+
+
+def test_each_read_of_a_run_carries_its_own_task_text_parsed_once(tmp_path):
+    state = State(tmp_path / "state.db")
+    first = TaskSpec.from_dict({"algorithm": {"name": "fedprox", "mu": 0.1}})
+    state.create_run("one", RunConfig(rounds=2), first)
+    assert state.current_run().task is state.current_run().task == first  # one parse serves every read
+    state.stop_run("one", "replaced")
+    second = TaskSpec.from_dict({"algorithm": {"name": "fedadam", "eta": 0.01}})
+    state.create_run("two", RunConfig(rounds=2), second)
+    assert state.current_run().task == second and state.run("one").task == first
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("UPDATE runs SET task_json=? WHERE run_id='two'", ('{"strategy": "nope"}',))
+    db.commit()
+    db.close()
+    for _ in range(2):  # a text that does not parse is refused on every read, never remembered as a spec
+        with pytest.raises(ValueError, match="strategy"):
+            _ = state.current_run().task
+    state.close()

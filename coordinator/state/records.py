@@ -148,10 +148,18 @@ class Run:
     stop_reason: str | None = None  # why it was stopped (None unless stopped)
     config_source: str = CONFIG_FROM_FEDERATION_TOML  # the file its config came from
 
-    @functools.cached_property
+    @property
     def task(self) -> TaskSpec:
         """The run's task spec, parsed on first use: read-only commands (status) never load the algorithms."""
-        return TaskSpec.from_json(self.task_json)
+        return _task_spec(self.task_json)
+
+
+@functools.lru_cache(maxsize=16)
+def _task_spec(task_json: str) -> TaskSpec:
+    """Each distinct task text is parsed once per process. A Run is read afresh from state.db for every check the
+    daemon makes (each upload's announcement and acceptance, each round-driver tick), and parsing and validating a
+    task costs 0.5-2 ms; a TaskSpec is immutable, so one parse can serve every Run that carries the same text."""
+    return TaskSpec.from_json(task_json)
 
 
 @dataclass(frozen=True)
